@@ -1,0 +1,133 @@
+"""Engine configuration: one flat, validated, frozen dataclass per concern.
+
+`EngineConfig.create(model=..., **options)` is the one place user options land; each option belongs to
+exactly one of the concern dataclasses below, so `LLM(...)`, `streampage serve` and the environment file
+all share the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+PreemptionMode = Literal["auto", "recompute", "swap"]
+SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64)
+SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """An engine option is invalid; the message names the option and its limit."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = ""  # local checkpoint directory; "" = the built-in demo model
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    num_gpu_blocks: int | None = None  # fixes the pool size instead of profiling (tests, benches)
+    swap_space_gb: float = 4.0  # pinned CPU memory for swapped-out blocks, per rank
+    num_cpu_blocks: int | None = None  # fixes the swap pool size instead of deriving it from swap_space_gb
+    enable_prefix_caching: bool = True
+    watermark: float = 0.01  # share of the pool kept free when admitting, to avoid instant preemption
+
+    def __post_init__(self) -> None:
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ConfigError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ConfigError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        if self.num_cpu_blocks is not None and self.num_cpu_blocks < 0:
+            raise ConfigError(f"num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
+        if self.swap_space_gb < 0:
+            raise ConfigError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
+        if not 0.0 <= self.watermark < 0.5:
+            raise ConfigError(f"watermark must be in [0, 0.5), got {self.watermark}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # running sequences per step
+    max_num_batched_tokens: int = 8192  # tokens per step (decode tokens + prefill chunks)
+    preemption_mode: PreemptionMode = "auto"  # auto: recompute single-sequence groups, swap the others
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running sequence can decode each step"
+            )
+        if self.preemption_mode not in ("auto", "recompute", "swap"):
+            raise ConfigError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    enforce_eager: bool = False  # no CUDA graphs
+    max_graph_batch_size: int | None = None  # None: max_num_seqs
+
+    def __post_init__(self) -> None:
+        if self.max_graph_batch_size is not None and self.max_graph_batch_size < 1:
+            raise ConfigError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+    @classmethod
+    def create(cls, **options: Any) -> EngineConfig:
+        """Sort flat options (`block_size=32, max_num_seqs=8, ...`) into their concerns."""
+        parts: dict[str, dict[str, Any]] = {f.name: {} for f in fields(cls)}
+        owners = {name: part for part in parts for name in option_names(part)}
+        for name, value in options.items():
+            if name not in owners:
+                raise ConfigError(f"unknown engine option {name!r}; known: {', '.join(sorted(owners))}")
+            parts[owners[name]][name] = value
+        concern_types = {f.name: f.default_factory for f in fields(cls)}  # type: ignore[misc]
+        return cls(**{part: concern_types[part](**values) for part, values in parts.items()})
+
+    def with_max_model_len(self, max_model_len: int) -> EngineConfig:
+        return replace(self, model=replace(self.model, max_model_len=max_model_len))
+
+
+def option_names(concern: str) -> list[str]:
+    """The flat option names owned by one concern of EngineConfig."""
+    concern_type = {f.name: f.default_factory for f in fields(EngineConfig)}[concern]  # type: ignore[misc]
+    return [f.name for f in fields(concern_type)]
+
+
+def all_option_names() -> list[str]:
+    return [name for f in fields(EngineConfig) for name in option_names(f.name)]
