@@ -60,3 +60,38 @@ class RequestRejected(ValueError):
 
 class EngineDeadError(RuntimeError):
     """The engine core failed; every live request fails with it and the server must restart."""
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine core, published after every step (metrics, readiness, the pool picture).
+
+    Block states partition the GPU pool: every block is exactly one of used (held by live sequences;
+    `shared` of them by more than one), cached (free, but still holding a prefix the cache can serve),
+    or empty (free, no prefix). So `used + cached + empty == total` and `free == cached + empty`.
+    """
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_swapped: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_shared: int = 0
+    kv_blocks_cached: int = 0
+    kv_blocks_empty: int = 0
+    cpu_blocks_total: int = 0
+    cpu_blocks_used: int = 0
+    block_size: int = 16
+    num_preemptions_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    cached_prompt_tokens_total: int = 0
+    steps_total: int = 0
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.kv_blocks_cached + self.kv_blocks_empty
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
