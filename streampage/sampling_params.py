@@ -79,7 +79,7 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self) -> None:  # noqa: C901 - one check per field reads best as a flat list
+    def validate(self) -> None:
         _int_range("n", self.n, 1, MAX_N)
         _int_range("max_tokens", self.max_tokens, 1, None)
         _int_range("min_tokens", self.min_tokens, 0, self.max_tokens, "max_tokens")

@@ -1,0 +1,272 @@
+"""Continuous batching: which sequences run in the next step, with how many tokens.
+
+Each step has a token budget (`max_num_batched_tokens`) and a seat limit (`max_num_seqs`, counting a
+request's full width: n choices or beam_width beams). Order of service:
+1. running requests, oldest first: every decoding sequence gets its one token (their tokens are
+   reserved up front), then unfinished prefills take chunks from what is left;
+2. swapped-out requests come back, oldest first, when their blocks fit again;
+3. waiting requests are admitted strictly FCFS (no overtaking, so nobody starves) with a prefix-cache
+   lookup and a first prefill chunk - but never while any request is swapped out, which bounds the
+   swap space by the GPU pool.
+When a running sequence cannot get a block, the newest running request is preempted, all of its
+sequences together: by recompute (free everything; prefill prompt + outputs again later) or by swap
+(copy its blocks to CPU swap space, sharing kept). `schedule()` returns plain data; it calls nothing
+in the runner.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from streampage.config import SchedulerConfig
+from streampage.engine.kv_cache import BlockPair, KVCacheManager, PrefixHit
+from streampage.engine.request import SeqStatus, Sequence, SequenceGroup
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work. Row i feeds `num_new_tokens[i]` tokens of `seqs[i]` starting at its
+    `num_computed_tokens`; it samples when that reaches the end of the sequence's tokens."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    groups: list[SequenceGroup] = field(default_factory=list)  # the request of each row
+    num_new_tokens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    blocks_to_swap_out: list[BlockPair] = field(default_factory=list)  # (gpu, cpu), run first
+    blocks_to_swap_in: list[BlockPair] = field(default_factory=list)  # (cpu, gpu), run second
+    blocks_to_copy: list[BlockPair] = field(default_factory=list)  # (src, dst) copy-on-write, run third
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs and not self.blocks_to_swap_out
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_batched_tokens == len(self.seqs)
+
+    def add_row(self, seq: Sequence, group: SequenceGroup, num_new_tokens: int, table: list[int]) -> None:
+        self.seqs.append(seq)
+        self.groups.append(group)
+        self.num_new_tokens.append(num_new_tokens)
+        self.block_tables.append(table)
+        self.num_batched_tokens += num_new_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []  # ordered by arrival
+        self.swapped: list[SequenceGroup] = []  # ordered by arrival
+        self.groups: dict[str, SequenceGroup] = {}
+        self.num_preemptions = 0
+        self._seats = 0  # sum of widths of running requests
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add(self, group: SequenceGroup) -> None:
+        if group.request_id in self.groups:
+            raise ValueError(f"request_id {group.request_id!r} is already live")
+        self.groups[group.request_id] = group
+        _insert_by_arrival(self.waiting, group)
+
+    def abort(self, request_id: str) -> SequenceGroup | None:
+        """End a request in any state and free all its blocks at once. Unknown ids are ignored."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return None
+        group.aborted = True
+        for seq in group.live_seqs():
+            seq.finish_reason = "abort"
+        self.finish_group(group)
+        return group
+
+    def finish_seq(self, seq: Sequence) -> None:
+        """A sequence has ended (its finish_reason is set): free its blocks now."""
+        if seq.status is SeqStatus.SWAPPED:
+            self.kv.free_swapped(seq)
+        else:
+            self.kv.free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def finish_group(self, group: SequenceGroup) -> None:
+        """The request has ended: free every sequence and drop it from its queue."""
+        for seq in group.live_seqs():
+            self.finish_seq(seq)
+        if group.status is SeqStatus.RUNNING:
+            self.running.remove(group)
+            self._seats -= group.width
+        elif group.status is SeqStatus.SWAPPED:
+            self.swapped.remove(group)
+        elif group.status is SeqStatus.WAITING:
+            self.waiting.remove(group)
+        group.status = SeqStatus.FINISHED
+        group.finished_time = time.monotonic()
+        del self.groups[group.request_id]
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_running_seqs(self) -> int:
+        return sum(len(g.live_seqs()) for g in self.running)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        num_decodes = sum(1 for g in self.running for s in g.seqs
+                          if s.status is SeqStatus.RUNNING and s.num_computed_tokens + 1 == len(s.token_ids))
+        prefill_budget = self.config.max_num_batched_tokens - num_decodes
+        prefill_budget = self._schedule_running(out, prefill_budget)
+        if not out.preempted:
+            prefill_budget = self._schedule_swapped(out, prefill_budget)
+        if not self.swapped:
+            self._schedule_waiting(out, prefill_budget)
+        now = time.monotonic()
+        for group in out.groups:
+            if group.first_scheduled_time is None:
+                group.first_scheduled_time = now
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, prefill_budget: int) -> int:
+        i = 0
+        while i < len(self.running):
+            group = self.running[i]
+            plan, prefill_budget = self._plan_rows(group, prefill_budget, whole_prompt=False)
+            need = sum(self.kv.num_new_blocks_needed(seq, n, hit) for seq, n, hit in plan)
+            preempted_self = False
+            while not self.kv.can_allocate(need, keep_watermark=False):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is group:
+                    preempted_self = True
+                    break
+            if preempted_self:
+                break
+            self._allocate_rows(group, plan, out)
+            i += 1
+        return prefill_budget
+
+    def _schedule_swapped(self, out: SchedulerOutput, prefill_budget: int) -> int:
+        while self.swapped:
+            group = self.swapped[0]
+            seqs = group.live_seqs()
+            # Room for the blocks coming back plus one fresh block per sequence to append into.
+            need = self.kv.num_blocks_to_swap(seqs) + len(seqs)
+            if (self._seats + group.width > self.config.max_num_seqs
+                    or not self.kv.can_allocate(need, keep_watermark=True)):
+                break
+            self.swapped.pop(0)
+            out.blocks_to_swap_in.extend(self.kv.swap_in(seqs))
+            self._start_running(group)
+            plan, prefill_budget = self._plan_rows(group, prefill_budget, whole_prompt=False)
+            self._allocate_rows(group, plan, out)
+        return prefill_budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, prefill_budget: int) -> None:
+        whole_prompt = not self.config.enable_chunked_prefill
+        while self.waiting and prefill_budget > 0:
+            group = self.waiting[0]
+            if self._seats + group.width > self.config.max_num_seqs:
+                break
+            plan, left = self._plan_rows(group, prefill_budget, whole_prompt)
+            if not plan:
+                break
+            need = sum(self.kv.num_new_blocks_needed(seq, n, hit) for seq, n, hit in plan)
+            if not self.kv.can_allocate(need, keep_watermark=True):
+                break
+            prefill_budget = left
+            self.waiting.popleft()
+            self._start_running(group)
+            first_admission = group.first_scheduled_time is None
+            self._allocate_rows(group, plan, out)
+            if first_admission:
+                group.num_cached_tokens = group.seqs[0].num_computed_tokens
+
+    def _plan_rows(
+        self, group: SequenceGroup, prefill_budget: int, whole_prompt: bool
+    ) -> tuple[list[tuple[Sequence, int, PrefixHit | None]], int]:
+        """(sequence, tokens, prefix hit) rows for one request, and the prefill budget left."""
+        plan: list[tuple[Sequence, int, PrefixHit | None]] = []
+        budget = prefill_budget
+        for seq in group.seqs:
+            if seq.status is SeqStatus.FINISHED:
+                continue
+            hit = None
+            computed = seq.num_computed_tokens
+            if seq.seq_id not in self.kv.block_tables:
+                hit = self.kv.find_prefix(seq)
+                computed = hit.num_blocks * self.kv.block_size
+            remaining = len(seq.token_ids) - computed
+            if remaining == 1 and seq.seq_id in self.kv.block_tables:
+                plan.append((seq, 1, hit))  # a decode: its token was reserved up front
+                continue
+            if whole_prompt and remaining > budget:
+                return [], prefill_budget  # without chunking a prompt waits for a step with room
+            n = min(remaining, budget)
+            if n > 0:
+                plan.append((seq, n, hit))
+                budget -= n
+        return plan, budget
+
+    def _allocate_rows(
+        self, group: SequenceGroup, plan: list[tuple[Sequence, int, PrefixHit | None]], out: SchedulerOutput
+    ) -> None:
+        for seq, n, hit in plan:
+            self.kv.allocate_slots(seq, n, out.blocks_to_copy, hit)
+            # A prefix hit may have covered more than the plan assumed only if the hit grew; it
+            # cannot (no step runs between planning and allocation), so n still fits exactly.
+            out.add_row(seq, group, n, self.kv.block_tables[seq.seq_id])
+
+    def _start_running(self, group: SequenceGroup) -> None:
+        group.status = SeqStatus.RUNNING
+        for seq in group.live_seqs():
+            seq.status = SeqStatus.RUNNING
+        _insert_by_arrival(self.running, group)
+        self._seats += group.width
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        """Evict a running request (all its sequences) to free blocks for older ones."""
+        self.running.remove(group)
+        self._seats -= group.width
+        self.num_preemptions += 1
+        out.preempted.append(group)
+        seqs = group.live_seqs()
+        if self._use_swap(group) and self.kv.cpu.num_free >= self.kv.num_blocks_to_swap(seqs):
+            out.blocks_to_swap_out.extend(self.kv.swap_out(seqs))
+            group.status = SeqStatus.SWAPPED
+            for seq in seqs:
+                seq.status = SeqStatus.SWAPPED
+            _insert_by_arrival(self.swapped, group)
+            return
+        for seq in seqs:
+            self.kv.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SeqStatus.WAITING
+        group.status = SeqStatus.WAITING
+        _insert_by_arrival(self.waiting, group)
+
+    def _use_swap(self, group: SequenceGroup) -> bool:
+        mode = self.config.preemption_mode
+        if mode == "auto":
+            return len(group.live_seqs()) > 1
+        return mode == "swap"
+
+
+def _insert_by_arrival(queue: deque[SequenceGroup] | list[SequenceGroup], group: SequenceGroup) -> None:
+    """Keep a queue ordered by arrival. Newcomers go to the back in O(1); a preempted request,
+    older than most of the queue, is placed by a scan from the front (usually one step)."""
+    if not queue or queue[-1].arrival_time <= group.arrival_time:
+        queue.append(group)
+        return
+    for i, other in enumerate(queue):
+        if other.arrival_time > group.arrival_time:
+            queue.insert(i, group)
+            return
