@@ -15,13 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from streampage.sampling_params import SamplingParams
 
-# Columns of the per-row parameter table that `SamplingMetadata.build` moves to the device in one copy.
-_NUM_COLUMNS = 7
-_TEMPERATURE, _TOP_P, _TOP_K, _MIN_P, _PRESENCE, _FREQUENCY, _REPETITION = range(_NUM_COLUMNS)
+# Columns of the per-row parameter table of `SamplingMetadata.build`: the first _NUM_COLUMNS go to the
+# device in one copy, the rest are read on the host only.
+_NUM_COLUMNS, _NUM_HOST_COLUMNS = 7, 9
+_TEMPERATURE, _TOP_P, _TOP_K, _MIN_P, _PRESENCE, _FREQUENCY, _REPETITION, _LOGPROBS, _BEAM_WIDTH = range(
+    _NUM_HOST_COLUMNS
+)
 
 
 @dataclass
@@ -73,26 +77,26 @@ class SamplingMetadata:
         2 * beam_width top log-probabilities: the engine ranks beams from those.
         """
         num_rows = len(params)
-        table = torch.tensor(
+        table = np.array(
             [
                 (
-                    0.0 if p.beam_width > 1 else p.temperature,
-                    p.top_p, p.top_k, p.min_p,
+                    p.temperature, p.top_p, p.top_k, p.min_p,
                     p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                    p.logprobs or 0, p.beam_width,
                 )
                 for p in params
             ],
-            dtype=torch.float32,
-        ).reshape(num_rows, _NUM_COLUMNS)
+            dtype=np.float32,
+        ).reshape(num_rows, _NUM_HOST_COLUMNS)
+        beam = table[:, _BEAM_WIDTH] > 1
+        table[beam, _TEMPERATURE] = 0.0
         greedy = table[:, _TEMPERATURE] == 0
         sampled = ~greedy  # truncation cannot change an argmax, so greedy rows never need it
-        penalised = (
-            (table[:, _PRESENCE] != 0) | (table[:, _FREQUENCY] != 0) | (table[:, _REPETITION] != 1)
-        )
-        penalty_rows = penalised.nonzero().flatten().tolist()
-        banned_rows = [row for row, ids in enumerate(banned_token_ids) if ids]
+        penalised = (table[:, _PRESENCE] != 0) | (table[:, _FREQUENCY] != 0) | (table[:, _REPETITION] != 1)
+        penalty_rows = np.flatnonzero(penalised).tolist()
         _check_lengths(num_rows, penalty_rows, prompt_token_ids, output_token_ids, banned_token_ids)
-        columns = table.to(device).unbind(dim=1)
+        num_logprobs = np.maximum(table[:, _LOGPROBS], np.where(beam, 2 * table[:, _BEAM_WIDTH], 0))
+        columns = torch.from_numpy(np.ascontiguousarray(table[:, :_NUM_COLUMNS])).to(device).unbind(dim=1)
         return cls(
             temperature=columns[_TEMPERATURE],
             top_p=columns[_TOP_P],
@@ -106,14 +110,14 @@ class SamplingMetadata:
             banned_token_ids=banned_token_ids,
             generators=dict(generators or {}),
             num_samples=list(num_samples) if num_samples is not None else [1] * num_rows,
-            num_logprobs=[max(p.logprobs or 0, 2 * p.beam_width if p.beam_width > 1 else 0) for p in params],
+            num_logprobs=num_logprobs.astype(np.int64).tolist(),
             all_greedy=bool(greedy.all()),
-            all_random=not bool(greedy.any()),
-            use_min_p=bool(((table[:, _MIN_P] > 0) & sampled).any()),
-            max_top_k=int(torch.where(sampled, table[:, _TOP_K], 0).max()) if num_rows else 0,
-            use_top_p=bool(((table[:, _TOP_P] < 1) & sampled).any()),
+            all_random=num_rows > 0 and not greedy.any(),  # an empty batch is all greedy
+            use_min_p=bool((table[sampled, _MIN_P] > 0).any()),
+            max_top_k=int(table[sampled, _TOP_K].max(initial=0)),
+            use_top_p=bool((table[sampled, _TOP_P] < 1).any()),
             penalty_rows=penalty_rows,
-            banned_rows=banned_rows,
+            banned_rows=[row for row, ids in enumerate(banned_token_ids) if ids],
         )
 
     @property
@@ -274,7 +278,7 @@ def apply_top_k_top_p(
 
 def _top_k_cutoff(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
     """The k-th largest logit per row (-inf where k == 0), from one topk of the largest k: no sort."""
-    largest = logits.topk(min(max_top_k, logits.shape[-1]), dim=-1).values
+    largest = logits.topk(max(1, min(max_top_k, logits.shape[-1])), dim=-1).values
     # Greedy rows may ask for more than max_top_k (it counts sampled rows only); their argmax is
     # already taken and survives any k >= 1.
     k = top_k.clamp(max=largest.shape[-1])
