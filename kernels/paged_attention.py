@@ -1,0 +1,385 @@
+"""Triton paged attention: `paged_decode` (split-KV + log-sum-exp merge) and `paged_prefill`.
+
+Semantics are those of `streampage.kernels.reference` (shapes in its docstring). Both kernels gather KV
+tiles of BLOCK_N tokens through the block table (one table entry per token, loaded once per tile and
+shared by K and V), keep the softmax online in fp32 and in base 2 (scores are pre-multiplied by
+log2(e)), and compute pool offsets in int64. Query heads that share a KV head are packed into the rows
+of one tile (GQA), so each KV tile is loaded once for the whole group.
+
+CUDA graphs: every launch depends only on tensor shapes and on values fixed at capture (split count,
+tile config). Per-step values (context lengths, block tables, query offsets) are read on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 64  # KV tokens per iteration (a whole number of pages when block_size divides it)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int = 128  # query rows per program: (tokens of the chunk) x (query heads of one KV head)
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Scratch for split-KV decode; reusable by every launch with num_seqs and num_splits up to its own.
+
+    partial_out: [num_seqs, q_heads, num_splits, head_dim] fp32, each split's normalised output.
+    partial_lse: [num_seqs, q_heads, num_splits] fp32, each split's log2-sum-exp (-inf when empty).
+    """
+
+    partial_out: torch.Tensor
+    partial_lse: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, num_seqs: int, num_q_heads: int, head_dim: int, num_splits: int, device: torch.device | str
+    ) -> DecodeWorkspace:
+        return cls(
+            torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=device),
+            torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=device),
+        )
+
+
+# A split must cover at least this many tokens to pay for its share of the merge.
+MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 64
+# With splits, aim for this many programs per SM: enough loads in flight to saturate HBM.
+TARGET_PROGRAMS_PER_SM = 2
+
+
+@functools.cache
+def decode_split_plan(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
+    """How many splits of the KV range paged_decode launches for this batch.
+
+    1 when the (seq, kv head) programs alone fill at least 80% of the SMs (splitting would only add
+    waves and a merge); otherwise enough splits for about TARGET_PROGRAMS_PER_SM programs per SM, none
+    shorter than MIN_SPLIT_TOKENS of max_context_len. Depends only on its arguments, so a graph captured
+    with an upper bound on the context serves every step of its batch size.
+    """
+    programs = max(num_seqs * num_kv_heads, 1)
+    if 5 * programs >= 4 * num_sms:
+        return 1
+    by_length = triton.cdiv(max(max_context_len, 1), MIN_SPLIT_TOKENS)
+    return max(1, min(TARGET_PROGRAMS_PER_SM * num_sms // programs, by_length, MAX_SPLITS))
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the CPU interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    """Validate shapes; return (group, group_pad, head_dim)."""
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q_heads ({num_q_heads}) must be a multiple of kv_heads ({num_kv_heads})")
+    if head_dim < 16 or head_dim & (head_dim - 1) or k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim must be a power of two >= 16 shared by q and cache, got q {head_dim}, "
+                         f"cache {k_cache.shape[3]}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous head_dim, got strides {t.stride()}")
+    group = num_q_heads // num_kv_heads
+    return group, triton.next_power_of_2(group), head_dim
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # tl.dot on fp32 defaults to tf32 on GPU; an fp32 cache asks for fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale, num_splits,
+    stride_q_s, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+    stride_bt_s, stride_o_s, stride_o_h, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
+    # together they read each page of the pool whole.
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    # Split boundaries are whole tiles; splits past the end are empty and still write their result.
+    split_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, context_len)
+
+    rows = tl.arange(0, GROUP_PAD)  # row r = query head kv_head * GROUP + r; rows >= GROUP are padding
+    row_mask = rows < GROUP
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + dims[None, :],
+                mask=row_mask[:, None], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+    block_table = block_tables_ptr + seq * stride_bt_s
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        valid = tokens < end  # the first token of a tile is always valid: m stays finite
+        pages = tl.load(block_table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        in_page = tokens % BLOCK_SIZE
+        k_rows = pages * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h
+        k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
+        v_rows = pages * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h
+        v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    safe_sum = tl.where(row_sum > 0.0, row_sum, 1.0)  # row_sum is 0 only for an empty split: output 0
+    result = acc / safe_sum[:, None]
+    if not SPLIT:
+        out = out_ptr + seq * stride_o_s + heads[:, None] * stride_o_h + dims[None, :]
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    else:
+        part = part_out_ptr + seq * stride_po_s + heads * stride_po_h + split * stride_po_p
+        tl.store(part[:, None] + dims[None, :], result, mask=row_mask[:, None])
+        lse = tl.where(row_sum > 0.0, m + tl.log2(safe_sum), float("-inf"))
+        tl.store(part_lse_ptr + seq * stride_pl_s + heads * stride_pl_h + split, lse, mask=row_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    num_splits, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, stride_o_s, stride_o_h,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_mask = splits < num_splits
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + seq * stride_pl_s + head * stride_pl_h + splits,
+                  mask=split_mask, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # every split empty: weights all 0
+    weights = tl.exp2(lse - lse_max)
+    total = tl.sum(weights, axis=0)
+    parts = tl.load(part_out_ptr + seq * stride_po_s + head * stride_po_h
+                    + splits[:, None] * stride_po_p + dims[None, :],
+                    mask=split_mask[:, None], other=0.0)
+    merged = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_o_s + head * stride_o_h + dims, merged.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
+    num_splits: int | None = None, max_context_len: int | None = None,
+    workspace: DecodeWorkspace | None = None, config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence (q: [num_seqs, q_heads, head_dim]) over its paged KV.
+
+    Rows with context_len 0 give zeros. num_splits defaults to `decode_split_plan` with
+    max_context_len (default: the block table's capacity, a bound fixed by its shape). For CUDA graph
+    capture pass a fixed num_splits (or max_context_len) and a `workspace` allocated beforehand.
+    """
+    group, group_pad, head_dim = _check(q, k_cache, v_cache)
+    num_seqs, num_q_heads = q.shape[0], q.shape[1]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        bound = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
+        num_splits = decode_split_plan(num_seqs, num_kv_heads, bound, num_sms(q.device))
+    cfg = config or DecodeConfig()
+    if num_splits > 1:
+        if workspace is None:
+            workspace = DecodeWorkspace.allocate(num_seqs, num_q_heads, head_dim, num_splits, q.device)
+        part_out = workspace.partial_out[:num_seqs, :num_q_heads, :num_splits]
+        part_lse = workspace.partial_lse[:num_seqs, :num_q_heads, :num_splits]
+        if part_out.shape[:3] != (num_seqs, num_q_heads, num_splits) or part_out.shape[3] != head_dim:
+            raise ValueError(f"workspace {tuple(workspace.partial_out.shape)} is too small for "
+                             f"{(num_seqs, num_q_heads, num_splits, head_dim)}")
+    else:  # never dereferenced: the single-split kernel writes straight to out
+        part_out, part_lse = out, out[..., 0]
+    po_strides = part_out.stride() if num_splits > 1 else (0, 0, 0)
+    pl_strides = part_lse.stride() if num_splits > 1 else (0, 0)
+    _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        scale * _LOG2E, num_splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1],
+        GROUP=group, GROUP_PAD=max(group_pad, 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(num_seqs, num_q_heads)](
+            part_out, part_lse, out, num_splits,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4 if head_dim >= 128 else 2,
+        )
+    return out
+
+
+@triton.jit
+def _prefill_tiles(
+    q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, lo, hi, qk_scale,
+    stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (m, row_sum, acc) with keys lo..hi-1. Without CAUSAL every key is
+    visible to every row (and hi - lo is a whole number of tiles); with it, key j is visible to a row
+    iff j <= q_pos."""
+    dims = tl.arange(0, HEAD_DIM)
+    for tile_start in range(lo, hi, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        if CAUSAL:
+            valid = tokens < hi
+            pages = tl.load(block_table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        else:
+            pages = tl.load(block_table + tokens // BLOCK_SIZE).to(tl.int64)
+        in_page = tokens % BLOCK_SIZE
+        k_rows = pages * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h
+        v_rows = pages * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h
+        if CAUSAL:
+            k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + k_rows[:, None] + dims[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if CAUSAL:
+            s = tl.where(tokens[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
+        if CAUSAL:
+            v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptr + v_rows[:, None] + dims[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+    return m, row_sum, acc
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
+    qk_scale,
+    stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+    stride_bt_s, stride_o_t, stride_o_h,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
+    kv_head = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # late tiles see the most keys: start them first
+    seq = tl.program_id(2)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    tile_token = tile * TOKENS
+    if tile_token >= q_len:
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+
+    # Row r is query token tile_token + r // GROUP_PAD and query head kv_head * GROUP + r % GROUP_PAD.
+    rows = tl.arange(0, BLOCK_M)
+    row_token = tile_token + rows // GROUP_PAD
+    row_head = kv_head * GROUP + rows % GROUP_PAD
+    row_mask = (row_token < q_len) & (rows % GROUP_PAD < GROUP)
+    q_pos = context_len - q_len + row_token  # the chunk holds the last q_len positions of the context
+    dims = tl.arange(0, HEAD_DIM)
+    q_rows = (q_begin + row_token).to(tl.int64) * stride_q_t + row_head * stride_q_h
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_mask[:, None], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_s
+
+    first_pos = context_len - q_len + tile_token
+    last_pos = tl.minimum(first_pos + TOKENS, context_len) - 1
+    # Keys below full_end (whole tiles) are visible to every row; the rest, up to last_pos, are masked.
+    # Every row sees key 0, so after the first tile no row's running max is -inf.
+    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m, row_sum, acc = _prefill_tiles(
+        q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, 0, full_end, qk_scale,
+        stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+    )
+    m, row_sum, acc = _prefill_tiles(
+        q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, full_end, last_pos + 1, qk_scale,
+        stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+    )
+    result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
+    o_rows = (q_begin + row_token).to(tl.int64) * stride_o_t + row_head * stride_o_h
+    tl.store(out_ptr + o_rows[:, None] + dims[None, :], result.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None])
+
+
+def paged_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
+    *, out: torch.Tensor | None = None, config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention for ragged query chunks (q: [num_tokens, q_heads, head_dim]) over the pool.
+
+    Chunk i is rows query_start_loc[i]:query_start_loc[i+1] (at most max_query_len of them), the last
+    positions of a context of context_lens[i] tokens whose K/V are already stored. Serves prefill,
+    chunked prefill, prefix-cache hits and mixed batches (a decode row is a chunk of length 1).
+    """
+    group, group_pad, head_dim = _check(q, k_cache, v_cache)
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    num_seqs = query_start_loc.shape[0] - 1
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0 or max_query_len <= 0:
+        return out
+    cfg = config or PrefillConfig()
+    block_m = max(cfg.block_m, group_pad, 16)
+    grid = (num_kv_heads, triton.cdiv(max_query_len, block_m // group_pad), num_seqs)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(k_cache.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

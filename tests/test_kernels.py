@@ -1,0 +1,246 @@
+"""Triton kernels against `streampage.kernels.reference`.
+
+Without CUDA they run on CPU tensors through the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET before any kernel is defined), in fp32 and fp16 (bf16 tl.dot is wrong in the
+interpreter); with CUDA the same cases run on the GPU. Shapes are tiny: the interpreter costs
+milliseconds per program. Every pool slot that no sequence owns holds NaN, and unused block-table
+columns point at an all-NaN block, so any read outside a sequence's context shows up in the output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from streampage.kernels import reference
+from streampage.kernels.paged_attention import (
+    MAX_SPLITS,
+    MIN_SPLIT_TOKENS,
+    DecodeConfig,
+    DecodeWorkspace,
+    PrefillConfig,
+    decode_split_plan,
+)
+
+from streampage import kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# Small tiles so that tiny contexts still take several iterations, splits and masked tails.
+SMALL_DECODE = DecodeConfig(block_n=16, num_warps=4, num_stages=2)
+SMALL_PREFILL = PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+
+
+@dataclass
+class PagedBatch:
+    k_cache: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    q: torch.Tensor  # [num_tokens, q_heads, head_dim]
+    max_query_len: int
+
+
+def build_batch(
+    context_lens: list[int], query_lens: list[int], *, q_heads: int, kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype, device: str = DEVICE, seed: int = 0, spare_blocks: int = 2,
+) -> PagedBatch:
+    """Sequences on shuffled physical blocks; slots outside every context hold NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(blocks_needed) + spare_blocks + 1
+    physical = torch.randperm(num_blocks, generator=gen)
+    poison = int(physical[-1])  # an all-NaN block that every unused table column points at
+    tables = torch.full((len(context_lens), max(blocks_needed, default=0) + 1), poison, dtype=torch.int32)
+    owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    next_block = 0
+    for i, (length, count) in enumerate(zip(context_lens, blocks_needed, strict=True)):
+        tables[i, :count] = physical[next_block : next_block + count].to(torch.int32)
+        next_block += count
+        for j in range(count):
+            owned[tables[i, j], : min(block_size, length - j * block_size)] = True
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k = torch.randn(shape, generator=gen).masked_fill(~owned[..., None, None], float("nan"))
+    v = torch.randn(shape, generator=gen).masked_fill(~owned[..., None, None], float("nan"))
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], q_heads, head_dim, generator=gen)
+    return PagedBatch(
+        k.to(device, dtype), v.to(device, dtype), tables.to(device),
+        torch.tensor(context_lens, dtype=torch.int32, device=device),
+        torch.tensor(starts, dtype=torch.int32, device=device),
+        q.to(device, dtype), max(query_lens, default=0),
+    )
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    """Elementwise |a - e| <= tol * (1 + |e|); on failure name the rows (tokens) and heads that differ."""
+    nonfinite = ~torch.isfinite(actual)
+    assert not nonfinite.any(), f"{what}: non-finite at (row, head) {nonfinite.any(-1).nonzero().tolist()[:20]}"
+    err = (actual.float() - expected.float()).abs()
+    bad = err > tol * (1 + expected.float().abs())
+    if bad.any():
+        worst = divmod(int(err.argmax()), err.shape[-1])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements off; max error {float(err.max()):.3g} "
+            f"at flat (row*head, dim) {worst}; bad (row, head): {bad.any(-1).nonzero().tolist()[:20]}"
+        )
+
+
+def run_decode(batch: PagedBatch, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = batch.q.shape[-1] ** -0.5
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.context_lens, scale)
+    return kernels.paged_decode(*args, **kwargs), reference.paged_decode(*args)
+
+
+def run_prefill(batch: PagedBatch, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = batch.q.shape[-1] ** -0.5
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc,
+            batch.context_lens)
+    actual = kernels.paged_prefill(*args, batch.max_query_len, scale, **kwargs)
+    return actual, reference.paged_prefill(*args, scale)
+
+
+# (block_size, head_dim, q_heads, kv_heads): every block size, both head dims, GQA groups 1, 3, 4, 8.
+LAYOUTS = [(8, 64, 2, 2), (16, 128, 8, 2), (32, 64, 8, 1), (64, 64, 6, 2)]
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads"), LAYOUTS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_matches_reference(block_size, head_dim, q_heads, kv_heads, dtype, num_splits) -> None:
+    lengths = [1, 15, 16, 17, 0, 2 * block_size + 1, 70]
+    batch = build_batch(lengths, [1] * len(lengths), q_heads=q_heads, kv_heads=kv_heads,
+                        head_dim=head_dim, block_size=block_size, dtype=dtype)
+    actual, expected = run_decode(batch, num_splits=num_splits, config=SMALL_DECODE)
+    assert_matches(actual, expected, TOLERANCE[dtype], f"decode lengths={lengths}")
+    assert not actual[4].any(), "a row with context_len 0 must give zeros"
+
+
+def test_decode_empty_splits_reused_workspace_and_out() -> None:
+    """More splits than tiles (most splits empty), one oversized workspace for two launches, out=."""
+    workspace = DecodeWorkspace.allocate(8, 8, 64, 12, DEVICE)
+    out = torch.full((3, 8, 64), float("nan"), device=DEVICE)
+    for seed, lengths in enumerate([[0, 1, 17], [33, 0, 5]]):
+        batch = build_batch(lengths, [1, 1, 1], q_heads=8, kv_heads=2, head_dim=64, block_size=16,
+                            dtype=torch.float32, seed=seed)
+        actual, expected = run_decode(batch, num_splits=8, workspace=workspace, out=out, config=SMALL_DECODE)
+        assert actual is out
+        assert_matches(actual, expected, TOLERANCE[torch.float32], f"decode lengths={lengths}")
+
+
+def test_decode_default_plan_and_strided_query() -> None:
+    """Default tiles and split plan; q is a view into a fused QKV activation (row stride > heads*dim)."""
+    lengths = [130, 64, 3]
+    batch = build_batch(lengths, [1, 1, 1], q_heads=4, kv_heads=1, head_dim=64, block_size=16,
+                        dtype=torch.float16)
+    fused = torch.randn(3, 6 * 64, device=DEVICE, dtype=torch.float16)
+    fused[:, : 4 * 64] = batch.q.flatten(1)
+    batch.q = fused[:, : 4 * 64].view(3, 4, 64)
+    actual, expected = run_decode(batch)
+    assert_matches(actual, expected, TOLERANCE[torch.float16], "decode, strided q")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads"), LAYOUTS)
+@pytest.mark.parametrize(
+    ("context_lens", "query_lens"),
+    [
+        ([1, 15, 16, 17, 40], [1, 15, 16, 17, 40]),  # whole prompts
+        ([40, 33, 17, 16], [8, 17, 1, 16]),  # chunks over a cached prefix (prefix-cache hits)
+        ([30, 20, 50, 0, 12, 45], [1, 20, 9, 0, 0, 1]),  # mixed: decode rows, prompt, chunk, idle rows
+    ],
+    ids=["prompts", "chunked", "mixed"],
+)
+def test_prefill_matches_reference(
+    block_size, head_dim, q_heads, kv_heads, dtype, context_lens, query_lens
+) -> None:
+    batch = build_batch(context_lens, query_lens, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                        block_size=block_size, dtype=dtype)
+    actual, expected = run_prefill(batch, config=SMALL_PREFILL)
+    assert_matches(actual, expected, TOLERANCE[dtype], f"prefill ctx={context_lens} q={query_lens}")
+
+
+def test_prefill_default_tiles_and_out() -> None:
+    batch = build_batch([150, 70], [150, 6], q_heads=8, kv_heads=2, head_dim=64, block_size=16,
+                        dtype=torch.float16)
+    out = torch.empty_like(batch.q)
+    actual, expected = run_prefill(batch, out=out)
+    assert actual is out
+    assert_matches(actual, expected, TOLERANCE[torch.float16], "prefill, default tiles")
+
+
+batches = st.lists(
+    st.integers(0, 60).flatmap(lambda n: st.tuples(st.just(n), st.integers(0 if n == 0 else 1, n))),
+    min_size=1, max_size=4,
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seqs=batches, block_size=st.sampled_from([8, 16]), kv_heads=st.sampled_from([1, 2]),
+       group=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_random_batches_match_reference(seqs, block_size, kv_heads, group, seed) -> None:
+    context_lens = [n for n, _ in seqs]
+    query_lens = [m for _, m in seqs]
+    layout = dict(q_heads=kv_heads * group, kv_heads=kv_heads, head_dim=32, block_size=block_size,
+                  dtype=torch.float32, seed=seed)
+    batch = build_batch(context_lens, query_lens, **layout)
+    actual, expected = run_prefill(batch, config=SMALL_PREFILL)
+    assert_matches(actual, expected, 1e-4, f"prefill ctx={context_lens} q={query_lens}")
+    batch = build_batch(context_lens, [1] * len(seqs), **layout)
+    actual, expected = run_decode(batch, num_splits=1 + seed % 4, config=SMALL_DECODE)
+    assert_matches(actual, expected, 1e-4, f"decode ctx={context_lens}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_store_kvcache_matches_reference(dtype, block_size) -> None:
+    gen = torch.Generator().manual_seed(block_size)
+    fused = torch.randn(6, 3, 2, 32, generator=gen).to(DEVICE)  # [tokens, q/k/v, kv_heads, head_dim]
+    key, value = fused[:, 1], fused[:, 2]  # strided views, fp32 into a cache of `dtype`
+    slots = torch.tensor([3, -1, 2 * block_size + 1, 5 * block_size - 1, 0, -1], device=DEVICE)
+    caches = [torch.zeros(5, block_size, 2, 32, dtype=dtype, device=DEVICE) for _ in range(4)]
+    kernels.store_kvcache(key, value, caches[0], caches[1], slots)
+    reference.store_kvcache(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2])
+    assert torch.equal(caches[1], caches[3])
+
+
+def test_copy_blocks_matches_reference() -> None:
+    pool = torch.randn(3, 2, 7, 8, 2, 32, device=DEVICE)
+    expected = pool.clone()
+    mapping = torch.tensor([[0, 4], [2, 5], [0, 6]], device=DEVICE)
+    kernels.copy_blocks(pool, mapping)
+    reference.copy_blocks(expected, mapping)
+    assert torch.equal(pool, expected)
+    kernels.copy_blocks(pool, mapping[:0])
+    assert torch.equal(pool, expected)
+
+
+def test_decode_split_plan() -> None:
+    assert decode_split_plan(64, 8, 2048, 132) == 1  # 512 programs already fill the GPU
+    assert decode_split_plan(256, 8, 1024, 132) == 1
+    assert decode_split_plan(1, 8, 8192, 132) == 8192 // MIN_SPLIT_TOKENS  # bounded by split length
+    assert decode_split_plan(4, 8, 8192, 132) == 8  # about two programs per SM
+    assert decode_split_plan(1, 8, 100, 132) == 1  # too short to split
+    assert decode_split_plan(1, 1, 10**6, 132) == MAX_SPLITS
+
+
+def test_rejects_unsupported_shapes() -> None:
+    batch = build_batch([4], [1], q_heads=4, kv_heads=2, head_dim=32, block_size=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        kernels.paged_decode(batch.q[:, :3], batch.k_cache, batch.v_cache, batch.block_tables,
+                             batch.context_lens, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.paged_decode(batch.q[..., :24], batch.k_cache[..., :24], batch.v_cache[..., :24],
+                             batch.block_tables, batch.context_lens, 1.0)
