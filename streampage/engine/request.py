@@ -120,8 +120,9 @@ class SequenceGroup:
     first_token_time: float | None = None
     finished_time: float | None = None
     aborted: bool = False
-    # Beam search: finished hypotheses, best first once the request ends.
+    # Beam search: finished hypotheses (best first), and whether running beams can still beat them.
     beam_hypotheses: list[BeamHypothesis] = field(default_factory=list)
+    beam_improvable: bool = True
 
     def __post_init__(self) -> None:
         if not self.seqs:
@@ -147,3 +148,17 @@ class SequenceGroup:
     def has_sampled(self) -> bool:
         """True once the first output token exists (then n > 1 requests have forked)."""
         return self.first_token_time is not None
+
+    def num_samples(self) -> int:
+        """Tokens to draw from a row of this request: n at the first draw of parallel sampling."""
+        if self.params.n > 1 and not self.params.use_beam_search and not self.has_sampled:
+            return self.params.n
+        return 1
+
+    def num_logprobs(self, num_eos_tokens: int) -> int:
+        """Top log-probabilities a row must return. Beam search ranks the best
+        max(2, 1 + #eos) * beam_width continuations, as transformers does, so that enough unfinished
+        beams survive even when the best candidates all end."""
+        if self.params.use_beam_search:
+            return max(2, 1 + num_eos_tokens) * self.params.beam_width
+        return self.params.logprobs or 0

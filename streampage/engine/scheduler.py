@@ -39,6 +39,7 @@ class SchedulerOutput:
     blocks_to_copy: list[BlockPair] = field(default_factory=list)  # (src, dst) copy-on-write, run third
     preempted: list[SequenceGroup] = field(default_factory=list)
     num_batched_tokens: int = 0
+    finished_request_ids: list[str] = field(default_factory=list)  # ended since the last step
 
     @property
     def is_empty(self) -> bool:

@@ -1,0 +1,46 @@
+"""A model-free executor: deterministic tokens, so scheduling and block bookkeeping can be measured and
+tested without a model. It also checks what a real runner relies on: every row's block table covers
+the slots it is about to write."""
+
+from __future__ import annotations
+
+from streampage.engine.llm_engine import RowResult
+from streampage.engine.scheduler import SchedulerOutput
+
+
+class SimulatedExecutor:
+    def __init__(self, vocab_size: int, block_size: int, num_eos_tokens: int = 1, avoid: frozenset[int] = frozenset()):
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.num_eos_tokens = num_eos_tokens
+        self.avoid = avoid  # tokens never produced (e.g. EOS, so lengths are exact)
+        self.steps = 0
+
+    def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
+        self.steps += 1
+        results: list[RowResult | None] = []
+        for seq, group, n, table in zip(out.seqs, out.groups, out.num_new_tokens, out.block_tables, strict=True):
+            end = seq.num_computed_tokens + n
+            if len(table) * self.block_size < end:
+                raise AssertionError(f"{seq} has {len(table)} blocks for {end} tokens")
+            if end != seq.num_tokens:
+                results.append(None)
+                continue
+            results.append(self._sample(seq.seq_id, end, group.num_samples(), group.num_logprobs(self.num_eos_tokens)))
+        return results
+
+    def _token(self, key: int) -> int:
+        token = (key * 2654435761) % self.vocab_size
+        while token in self.avoid:
+            token = (token + 1) % self.vocab_size
+        return token
+
+    def _sample(self, seq_id: int, position: int, num_samples: int, num_logprobs: int) -> RowResult:
+        tokens = [self._token(seq_id * 7919 + position * 31 + i) for i in range(num_samples)]
+        logprobs = [-1.0 - 0.01 * (t % 7) for t in tokens]
+        top = None
+        if num_logprobs:
+            ids = [self._token(seq_id * 131 + position * 17 + i) for i in range(num_logprobs)]
+            ids = list(dict.fromkeys(ids))
+            top = (ids, [-0.5 - 0.25 * i - 0.001 * (seq_id % 5) for i in range(len(ids))])
+        return RowResult(tokens, logprobs, top)

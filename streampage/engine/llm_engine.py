@@ -1,0 +1,327 @@
+"""The engine core: `step()` = schedule -> execute -> process outputs; add and abort requests.
+
+It is pure logic over an `Executor` (the model runner, or a simulation in benchmarks and tests), and
+returns per-step `RequestDelta`s: the tokens each request gained, and how it ended. Text is the
+front end's business (detokenization and stop strings run there), so the core never touches strings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from streampage.config import EngineConfig
+from streampage.engine import beam_search
+from streampage.engine.kv_cache import KVCacheManager
+from streampage.engine.request import Sequence, SequenceGroup
+from streampage.engine.scheduler import Scheduler, SchedulerOutput
+from streampage.outputs import EngineStats, RequestRejected, TokenLogprobs
+from streampage.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class RowResult:
+    """What the runner sampled for one row: `token_ids` (num_samples of them), their raw
+    log-probabilities, and the row's top log-probabilities (ids, values) when asked for."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: tuple[list[int], list[float]] | None = None
+
+
+class Executor(Protocol):
+    def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
+        """Run one step; one result per row that reaches the end of its tokens, None for others."""
+        ...
+
+
+@dataclass(slots=True)
+class SeqDelta:
+    index: int  # the choice index (for beam search: rank among the returned hypotheses)
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    cumulative_logprob: float
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass(slots=True)
+class RequestDelta:
+    """What one request gained in one step (or how it ended)."""
+
+    request_id: str
+    seqs: list[SeqDelta] = field(default_factory=list)
+    finished: bool = False
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+
+class LLMEngine:
+    def __init__(
+        self, config: EngineConfig, executor: Executor, *, num_gpu_blocks: int, num_cpu_blocks: int,
+        max_model_len: int, eos_token_ids: list[int], vocab_size: int,
+    ) -> None:
+        cache = config.cache
+        self.config = config
+        self.executor = executor
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.kv = KVCacheManager(num_gpu_blocks, num_cpu_blocks, cache.block_size,
+                                 cache.enable_prefix_caching, cache.watermark)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self._pending: list[RequestDelta] = []  # endings decided between steps (aborts)
+        self._finished_ids: list[str] = []  # for the runner to drop per-request state
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.cached_prompt_tokens_total = 0
+        self.steps_total = 0
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request, or raise RequestRejected if it can never run."""
+        self.check_request(prompt_token_ids, params)
+        group = SequenceGroup(request_id, list(prompt_token_ids), params,
+                              time.monotonic() if arrival_time is None else arrival_time)
+        if params.logprobs is not None:
+            for seq in group.seqs:
+                seq.logprobs = []
+        self.scheduler.add(group)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse what can never run, naming the limit."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise RequestRejected("invalid_param", "the prompt is empty", "prompt")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestRejected("invalid_param", f"prompt token id {bad} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})", "prompt_token_ids")
+        if num_prompt >= self.max_model_len:
+            raise RequestRejected("prompt_too_long", f"the prompt has {num_prompt} tokens; max_model_len is "
+                                  f"{self.max_model_len} (prompt and output together)", "prompt")
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise RequestRejected("invalid_param", f"max_tokens={params.max_tokens} with a {num_prompt}-token "
+                                  f"prompt exceeds max_model_len {self.max_model_len}; at most "
+                                  f"{self.max_model_len - num_prompt}", "max_tokens")
+        sched = self.config.scheduler
+        if not sched.enable_chunked_prefill and num_prompt > sched.max_num_batched_tokens:
+            raise RequestRejected("prompt_too_long", f"the prompt has {num_prompt} tokens; without chunked "
+                                  f"prefill at most max_num_batched_tokens={sched.max_num_batched_tokens}", "prompt")
+        self._check_fits_pool(num_prompt, params)
+
+    def _check_fits_pool(self, num_prompt: int, params: SamplingParams) -> None:
+        """A request must fit the whole pool alone, or it could preempt itself forever."""
+        kv = self.kv
+        width = max(params.n, params.beam_width)
+        total = kv.num_total_blocks
+        if kv.blocks_for(num_prompt + 1) > total:
+            raise RequestRejected("prompt_too_long", f"the prompt needs {kv.blocks_for(num_prompt + 1)} KV blocks; "
+                                  f"the pool has {total}", "prompt")
+        need = kv.blocks_for(num_prompt + params.max_tokens) + (width - 1) * (kv.blocks_for(params.max_tokens) + 1)
+        if need > total:
+            raise RequestRejected("invalid_param", f"max_tokens={params.max_tokens} (x{width} sequences) needs "
+                                  f"{need} KV blocks with this prompt; the pool has {total}", "max_tokens")
+
+    def abort_request(self, request_id: str) -> bool:
+        """End a request now and free its blocks; its final delta comes with the next step."""
+        group = self.scheduler.abort(request_id)
+        if group is None:
+            return False
+        delta = self._delta(group)
+        delta.finished = True
+        delta.seqs = [SeqDelta(i, [], None, s.cumulative_logprob, "abort") for i, s in enumerate(group.seqs)
+                      if s.finish_reason == "abort"]
+        self._pending.append(delta)
+        self._finished_ids.append(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._pending)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestDelta]:
+        out = self.scheduler.schedule()
+        out.finished_request_ids, self._finished_ids = self._finished_ids, []
+        deltas, self._pending = self._pending, []
+        if out.is_empty:
+            return deltas
+        results = self.executor.execute(out)
+        self.steps_total += 1
+        return deltas + self._process(out, results)
+
+    def _process(self, out: SchedulerOutput, results: list[RowResult | None]) -> list[RequestDelta]:
+        now = time.monotonic()
+        touched: dict[str, tuple[SequenceGroup, RequestDelta]] = {}
+        beam_rows: dict[str, list[tuple[Sequence, RowResult]]] = {}
+        for seq, group, n, result in zip(out.seqs, out.groups, out.num_new_tokens, results, strict=True):
+            seq.num_computed_tokens += n
+            self.kv.commit_computed(seq)
+            if result is None:
+                continue
+            entry = touched.get(group.request_id)
+            if entry is None:
+                entry = touched[group.request_id] = (group, self._delta(group))
+                if group.first_token_time is None:
+                    self._count_prompt(group)
+            if group.params.use_beam_search:
+                beam_rows.setdefault(group.request_id, []).append((seq, result))
+            else:
+                self._append_sampled(group, seq, result, entry[1])
+        for request_id, rows in beam_rows.items():
+            group, delta = touched[request_id]
+            self._beam_step(group, rows, delta)
+        deltas = []
+        for group, delta in touched.values():
+            if group.first_token_time is None:
+                group.first_token_time = now
+                delta.first_token_time = now
+            if not group.live_seqs():
+                self._finish_group(group, delta)
+            deltas.append(delta)
+        return deltas
+
+    def _count_prompt(self, group: SequenceGroup) -> None:
+        self.prompt_tokens_total += group.num_prompt_tokens
+        self.cached_prompt_tokens_total += group.num_cached_tokens
+
+    def _append_sampled(self, group: SequenceGroup, seq: Sequence, result: RowResult, delta: RequestDelta) -> None:
+        """Append a row's token; the first draw of an n > 1 request forks the other choices."""
+        targets = [seq]
+        if len(result.token_ids) > 1:  # parallel sampling: children share the prompt's blocks
+            for _ in result.token_ids[1:]:
+                child = seq.fork()
+                self.kv.fork(seq, child)
+                group.seqs.append(child)
+                targets.append(child)
+        for target, token, logprob in zip(targets, result.token_ids, result.logprobs, strict=True):
+            top = result.top_logprobs
+            entry = self._token_logprobs(token, logprob, top) if target.logprobs is not None else None
+            self._append(target, group, token, logprob, entry)
+            choice = self._index_of(group, target)
+            delta.seqs.append(SeqDelta(choice, [token], None if entry is None else [entry],
+                                       target.cumulative_logprob, target.finish_reason, target.stop_reason))
+
+    @staticmethod
+    def _index_of(group: SequenceGroup, seq: Sequence) -> int:
+        seqs = group.seqs
+        return 0 if seqs[0] is seq else seqs.index(seq)
+
+    @staticmethod
+    def _token_logprobs(token: int, logprob: float, top: tuple[list[int], list[float]] | None) -> TokenLogprobs:
+        entry = dict(zip(*top, strict=True)) if top is not None else {}
+        entry[token] = logprob
+        return entry
+
+    def _append(self, seq: Sequence, group: SequenceGroup, token: int, logprob: float,
+                entry: TokenLogprobs | None) -> None:
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if entry is not None and seq.logprobs is not None:
+            seq.logprobs.append(entry)
+        self.generation_tokens_total += 1
+        reason = self._stop_reason(seq, group.params, token)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason
+            self.scheduler.finish_seq(seq)
+
+    def _stop_reason(self, seq: Sequence, params: SamplingParams, token: int) -> tuple[str, int | None] | None:
+        num_output = seq.num_output_tokens
+        if num_output >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                return "stop", None
+            if token in params.stop_token_ids:
+                return "stop", token
+        if num_output >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def _beam_step(self, group: SequenceGroup, rows: list[tuple[Sequence, RowResult]], delta: RequestDelta) -> None:
+        params = group.params
+        beams = [seq for seq, _ in rows]
+        tops = [result.top_logprobs for _, result in rows]
+        k = group.num_logprobs(len(self.eos_token_ids))
+        candidates = beam_search.rank_candidates(beams, tops, k)  # type: ignore[arg-type]
+        generated_len = beams[0].num_output_tokens + 1
+        at_length = generated_len >= params.max_tokens or beams[0].num_tokens + 1 >= self.max_model_len
+        for cand in candidates:
+            if cand.token in self.eos_token_ids and not params.ignore_eos:
+                cand.ends, cand.finish_reason = True, "stop"
+            elif at_length:
+                cand.ends, cand.finish_reason = True, "length"
+        step = beam_search.advance(group, candidates, generated_len)
+        self.generation_tokens_total += len(beams)
+        if step.done:
+            for seq in group.live_seqs():
+                seq.finish_reason = "stop"
+                self.scheduler.finish_seq(seq)
+            self._emit_hypotheses(group, delta)
+            return
+        self._reseat_beams(group, step.next_beams)
+
+    def _reseat_beams(self, group: SequenceGroup, chosen: list[beam_search.Candidate]) -> None:
+        """Make the chosen continuations the live beams: a parent picked once continues in place,
+        picked again it is forked first (sharing blocks), picked never it is freed."""
+        used: set[int] = set()
+        plan: list[tuple[Sequence, beam_search.Candidate]] = []
+        for cand in chosen:
+            parent = cand.parent
+            if parent.seq_id in used:
+                child = parent.fork()
+                self.kv.fork(parent, child)
+                plan.append((child, cand))
+            else:
+                used.add(parent.seq_id)
+                plan.append((parent, cand))
+        for seq in group.live_seqs():
+            if seq.seq_id not in used:
+                seq.finish_reason = "abort"  # a pruned beam, never reported
+                self.scheduler.finish_seq(seq)
+        for seq, cand in plan:
+            seq.token_ids.append(cand.token)
+            seq.cumulative_logprob = cand.score
+            if seq.logprobs is not None:
+                seq.logprobs.append({cand.token: cand.logprob})
+        group.seqs = [seq for seq, _ in plan]
+
+    def _emit_hypotheses(self, group: SequenceGroup, delta: RequestDelta) -> None:
+        for index, hyp in enumerate(group.beam_hypotheses[: group.params.n]):
+            delta.seqs.append(SeqDelta(index, hyp.token_ids, hyp.logprobs, hyp.cumulative_logprob,
+                                       hyp.finish_reason, hyp.stop_reason))
+
+    def _finish_group(self, group: SequenceGroup, delta: RequestDelta) -> None:
+        self.scheduler.finish_group(group)
+        delta.finished = True
+        self._finished_ids.append(group.request_id)
+
+    def _delta(self, group: SequenceGroup) -> RequestDelta:
+        return RequestDelta(group.request_id, num_cached_tokens=group.num_cached_tokens,
+                            arrival_time=group.arrival_time, first_scheduled_time=group.first_scheduled_time,
+                            first_token_time=group.first_token_time)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        sched, gpu, cpu = self.scheduler, self.kv.gpu, self.kv.cpu
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=len(sched.waiting), num_swapped=len(sched.swapped),
+            kv_blocks_total=gpu.num_blocks, kv_blocks_used=gpu.num_used, kv_blocks_shared=gpu.num_shared,
+            kv_blocks_cached=gpu.num_cached_free, kv_blocks_empty=gpu.num_free - gpu.num_cached_free,
+            cpu_blocks_total=cpu.num_blocks, cpu_blocks_used=cpu.num_blocks - cpu.num_free,
+            block_size=self.kv.block_size, num_preemptions_total=sched.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            cached_prompt_tokens_total=self.cached_prompt_tokens_total, steps_total=self.steps_total,
+        )
+
+    def check_invariants(self) -> None:
+        running = [s for g in self.scheduler.running for s in g.live_seqs()]
+        swapped = [s for g in self.scheduler.swapped for s in g.live_seqs()]
+        self.kv.check_invariants(running, swapped)
