@@ -1,14 +1,11 @@
-"""What the load generator talks to: the server's address and protocol, and one client per run."""
+"""What the load generator talks to: the server's address and protocol, and the client interface."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 from loadtest.records import RequestRecord
-from loadtest.websocket_backend import open_websocket_client
 from loadtest.workloads import RequestSpec
 
 BACKENDS = ("streampage", "openai")
@@ -28,6 +25,12 @@ class BackendConfig:
     ignore_eos: bool = True
     temperature: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.kind not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.kind!r}")
+        if self.connections < 0:
+            raise ValueError(f"connections must be >= 0, got {self.connections}")
+
     @property
     def url(self) -> str:
         scheme = "ws" if self.kind == "streampage" else "http"
@@ -39,19 +42,13 @@ class BackendConfig:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
+class BackendUnavailable(RuntimeError):
+    """The run could not start: the server refused or did not answer its setup (pool, model list)."""
+
+    def __init__(self, url: str, cause: Exception) -> None:
+        super().__init__(f"cannot use {url}: {type(cause).__name__}: {cause}")
+
+
 class BackendClient(Protocol):
     async def request(self, spec: RequestSpec, record: RequestRecord) -> None:
         """Send one request and fill `record` until it ends; failures are recorded, not raised."""
-
-
-@asynccontextmanager
-async def open_client(config: BackendConfig) -> AsyncIterator[BackendClient]:
-    """A client for one load point (a multiplexed pool is opened here, outside any request's time)."""
-    if config.kind == "openai":
-        # Imported here so the WebSocket path does not need aiohttp.
-        from loadtest.openai_backend import open_openai_client
-        async with open_openai_client(config) as client:
-            yield client
-    else:
-        async with open_websocket_client(config) as client:
-            yield client

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from time import perf_counter
 
 from tqdm import tqdm
 
 from loadtest.arrivals import arrival_offsets
-from loadtest.backends import BackendClient
+from loadtest.backends import BackendClient, BackendConfig
 from loadtest.records import RequestRecord
-from loadtest.workloads import RequestSpec
+from loadtest.websocket_backend import open_websocket_client
+from loadtest.workloads import RequestSpec, WorkloadConfig, generate
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,27 @@ class PointResult:
     @property
     def duration_s(self) -> float:
         return self.finished_at - self.started_at
+
+
+@asynccontextmanager
+async def open_client(config: BackendConfig) -> AsyncIterator[BackendClient]:
+    """A client for one load point (a multiplexed pool is opened here, outside any request's time)."""
+    if config.kind == "openai":
+        # Imported here so the WebSocket path does not need aiohttp.
+        from loadtest.openai_backend import open_openai_client
+        async with open_openai_client(config) as client:
+            yield client
+    else:
+        async with open_websocket_client(config) as client:
+            yield client
+
+
+async def measure_point(backend: BackendConfig, point: LoadPoint, workload: WorkloadConfig, *,
+                        request_timeout: float = 600.0, progress: bool = True) -> PointResult:
+    """One load point on a fresh client; every point of a run replays the same seeded requests."""
+    async with open_client(backend) as client:
+        return await run_point(client, point, generate(workload), seed=workload.seed,
+                               request_timeout=request_timeout, progress=progress)
 
 
 async def run_point(client: BackendClient, point: LoadPoint, specs: Iterator[RequestSpec], *,

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadtest.backends import BackendConfig
+from loadtest.backends import BackendConfig, BackendUnavailable
 from loadtest.records import RequestRecord
 from loadtest.workloads import RequestSpec
 
@@ -98,5 +98,8 @@ async def open_openai_client(config: BackendConfig) -> AsyncIterator[OpenAIClien
     # No connection limit: a pool cap would queue requests inside aiohttp, out of the measurement's sight.
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
-        model = config.model or await first_model(session, config)
+        try:
+            model = config.model or await first_model(session, config)
+        except (aiohttp.ClientError, KeyError, RuntimeError) as exc:
+            raise BackendUnavailable(config.url, exc) from exc
         yield OpenAIClient(config, session, model)

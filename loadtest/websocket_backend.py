@@ -14,17 +14,15 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from loadtest.backends import BackendConfig, BackendUnavailable
 from loadtest.records import RequestRecord
 from loadtest.workloads import RequestSpec
-
-if TYPE_CHECKING:
-    from loadtest.backends import BackendConfig
 
 SUBPROTOCOL = "streampage.v1"
 SLOW_READER_RCVBUF = 4096   # bytes: small enough that a stalled reader pushes back on the server soon
@@ -142,7 +140,7 @@ class StreamConnection:
         await self.reader
 
     async def _read(self) -> None:
-        reason = "disconnect:1000"
+        reason = "disconnect:reader_stopped"
         try:
             while True:
                 await self._reading.wait()
@@ -150,6 +148,9 @@ class StreamConnection:
                 self._dispatch(orjson.loads(message), perf_counter())
         except ConnectionClosed as exc:
             reason = _disconnect_reason(exc)
+        except orjson.JSONDecodeError:
+            reason = "protocol:invalid_json"
+            await self._ws.close()
         finally:
             now = perf_counter()
             for stream in self._streams.values():
@@ -217,7 +218,13 @@ class WebSocketClient:
 
 @asynccontextmanager
 async def open_websocket_client(config: BackendConfig) -> AsyncIterator[WebSocketClient]:
-    pool = [await StreamConnection.open(config) for _ in range(config.connections)]
+    pool: list[StreamConnection] = []
+    try:
+        pool.extend([await StreamConnection.open(config) for _ in range(config.connections)])
+    except (OSError, TimeoutError, InvalidHandshake) as exc:
+        for connection in pool:
+            await connection.close()
+        raise BackendUnavailable(config.url, exc) from exc
     try:
         yield WebSocketClient(config, pool)
     finally:
