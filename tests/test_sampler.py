@@ -218,29 +218,38 @@ def test_banned_tokens_never_appear(temperature: float) -> None:
 
 # --- seeds, parallel samples, log-probabilities --------------------------------------------------
 
-def seeded_tokens(seed: int, logits_rows: list[torch.Tensor], others: int, position: int) -> list[list[int]]:
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
+
+
+def seeded_tokens(
+    seed: int, logits_rows: list[torch.Tensor], others: int, position: int, device: str = "cpu"
+) -> list[list[int]]:
     """Tokens of a seeded row over several steps, placed at `position` among `others` other rows."""
-    generator = torch.Generator().manual_seed(seed)
-    other_generator = torch.Generator().manual_seed(seed + 1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    other_generator = torch.Generator(device=device).manual_seed(seed + 1)
     tokens = []
     for step_logits in logits_rows:
-        params = [SamplingParams(temperature=1.0)] * (others + 1)
+        params = [SamplingParams(temperature=1.0, top_p=0.95)] * (others + 1)
         batch = torch.randn(others + 1, step_logits.shape[-1])
         batch[position] = step_logits
         generators = {position: generator}
         if others:
             generators[(position + 1) % (others + 1)] = other_generator  # a second seeded neighbour
-        tokens.append(sample(batch, build(params, generators=generators)).token_ids[position])
+        meta = SamplingMetadata.build(params, device=device, generators=generators)
+        tokens.append(sample(batch.to(device), meta).token_ids[position])
     return tokens
 
 
-def test_seeded_rows_reproduce_whatever_the_batch() -> None:
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_seeded_rows_reproduce_whatever_the_batch(device: str) -> None:
     steps = [torch.randn(1000, generator=torch.Generator().manual_seed(s)) for s in range(5)]
-    alone = seeded_tokens(7, steps, others=0, position=0)
-    assert seeded_tokens(7, steps, others=0, position=0) == alone
-    assert seeded_tokens(7, steps, others=5, position=3) == alone
-    assert seeded_tokens(7, steps, others=9, position=9) == alone
-    assert seeded_tokens(8, steps, others=0, position=0) != alone
+    alone = seeded_tokens(7, steps, others=0, position=0, device=device)
+    assert seeded_tokens(7, steps, others=0, position=0, device=device) == alone
+    assert seeded_tokens(7, steps, others=5, position=3, device=device) == alone
+    assert seeded_tokens(7, steps, others=9, position=9, device=device) == alone
+    assert seeded_tokens(8, steps, others=0, position=0, device=device) != alone
 
 
 def test_seeded_parallel_samples_reproduce() -> None:

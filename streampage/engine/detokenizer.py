@@ -18,7 +18,7 @@ from tokenizers.decoders import DecodeStream
 
 # Prompt tokens replayed through a new stream so the first output token decodes in context (a leading
 # space kept, a character begun in the prompt completed). A few cover byte-fallback runs.
-PROMPT_CONTEXT_TOKENS = 6
+_PROMPT_CONTEXT_TOKENS = 6
 
 # tokenizers raises a plain Exception with this message when a decoder rewrites text it already emitted.
 _INVALID_PREFIX = "Invalid prefix"
@@ -41,7 +41,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
     ) -> None:
         """`tokenizer`: a transformers tokenizer or a `tokenizers.Tokenizer`."""
-        self._tokens = _TokenStream(tokenizer, prompt_token_ids[-PROMPT_CONTEXT_TOKENS:], skip_special_tokens)
+        self._tokens = _TokenStream(tokenizer, prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:], skip_special_tokens)
         self._stop = tuple(stop)
         self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens
