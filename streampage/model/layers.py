@@ -1,0 +1,301 @@
+"""Building blocks of the decoder: Megatron-style tensor-parallel linears, vocabulary-parallel embedding
+and LM head, RMSNorm, rotary embedding, SiLU-and-mul and paged attention.
+
+Every parameter carries `weight_loader(param, loaded, shard_id=None)` that copies this rank's shard out
+of the FULL checkpoint tensor, so tensor-parallel loading stays local to the layer that knows the split.
+With one rank every split is the whole tensor and every collective is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from streampage.kernels import reference
+from torch import nn
+
+from streampage import kernels
+from streampage.distributed import tp_all_gather_last_dim, tp_all_reduce, tp_rank, tp_size
+from streampage.model.forward_context import AttentionMetadata, get_attention_metadata
+
+WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], None]
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) must be divisible by the tensor-parallel size ({denominator})")
+    return numerator // denominator
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"checkpoint shard has shape {tuple(src.shape)}, parameter expects {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    """Replicated parameters (norms, row-parallel biases): every rank holds the whole tensor."""
+    _copy_into(param.data, loaded)
+
+
+def _parameter(shape: tuple[int, ...], loader: WeightLoader, fill: float | None = None) -> nn.Parameter:
+    data = torch.empty(shape) if fill is None else torch.full(shape, fill)
+    param = nn.Parameter(data, requires_grad=False)
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output rows split across ranks; the output stays sharded."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.output_size_local = divide(output_size, tp_size(), "output size")
+        self.weight = _parameter((self.output_size_local, input_size), self.weight_loader)
+        self.bias = _parameter((self.output_size_local,), self.weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        size = param.shape[0]
+        _copy_into(param.data, loaded.narrow(0, tp_rank() * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (gate and up).
+
+    Each rank's weight is [shard 0 rows of this rank; shard 1 rows of this rank; ...], so the output
+    splits into the shards locally without communication.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(input_size, sum(output_sizes), bias)
+        self.local_sizes = [divide(size, tp_size(), "merged output size") for size in output_sizes]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        size = self.local_sizes[shard_id]
+        offset = sum(self.local_sizes[:shard_id])
+        _copy_into(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """The q, k and v projections in one matmul, split by attention head.
+
+    Each rank holds num_heads / tp query heads. KV heads are split the same way when there are at least
+    as many as ranks; otherwise each KV head is replicated on tp / num_kv_heads consecutive ranks, the
+    ones whose query heads share it.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+        tp = tp_size()
+        self.num_heads = divide(num_heads, tp, "num_attention_heads")
+        if num_kv_heads >= tp:
+            self.num_kv_heads = divide(num_kv_heads, tp, "num_key_value_heads")
+        elif tp % num_kv_heads == 0:
+            self.num_kv_heads = 1
+        else:
+            raise ValueError(
+                f"num_key_value_heads ({num_kv_heads}) is smaller than the tensor-parallel size ({tp}) "
+                "and must divide it, so each KV head is replicated on whole ranks"
+            )
+        self.head_dim = head_dim
+        self.kv_head_start = tp_rank() * num_kv_heads // tp  # first KV head of this rank in the checkpoint
+        output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, output_size, bias)
+
+    @property
+    def split_sizes(self) -> list[int]:
+        """The widths of this rank's q, k and v in the output."""
+        kv = self.num_kv_heads * self.head_dim
+        return [self.num_heads * self.head_dim, kv, kv]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        q_size, kv_size, _ = self.split_sizes
+        if shard_id == "q":
+            offset, size, source = 0, q_size, tp_rank() * q_size
+        elif shard_id in ("k", "v"):
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size, source = kv_size, self.kv_head_start * self.head_dim
+        else:
+            raise ValueError(f"QKV shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+        _copy_into(param.data.narrow(0, offset, size), loaded.narrow(0, source, size))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split across ranks: the input arrives sharded (the output of a
+    column-parallel layer), partial products are summed over ranks, the bias is added once after."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        input_size_local = divide(input_size, tp_size(), "input size")
+        self.weight = _parameter((output_size, input_size_local), self.weight_loader)
+        self.bias = _parameter((output_size,), default_weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        size = param.shape[1]
+        _copy_into(param.data, loaded.narrow(1, tp_rank() * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = tp_all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split into equal contiguous ranges, one per rank.
+
+    The vocabulary is padded up to a multiple of the tensor-parallel size; padding rows are zero and
+    never looked up (token ids are < vocab_size).
+    """
+
+    def __init__(self, vocab_size: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.rows_per_rank = math.ceil(vocab_size / tp_size())
+        self.vocab_start = tp_rank() * self.rows_per_rank
+        self.weight = _parameter((self.rows_per_rank, embedding_dim), self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        rows = loaded[self.vocab_start : self.vocab_start + self.rows_per_rank]
+        _copy_into(param.data[: rows.shape[0]], rows)
+        param.data[rows.shape[0] :].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        local_ids = input_ids - self.vocab_start
+        mine = (local_ids >= 0) & (local_ids < self.rows_per_rank)
+        embedded = F.embedding(local_ids.masked_fill(~mine, 0), self.weight)
+        return tp_all_reduce(embedded.masked_fill(~mine[:, None], 0.0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection, vocabulary-parallel like the embedding (so tied weights share one split)."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab_size] float32, gathered from every rank's vocabulary range."""
+        logits = tp_all_gather_last_dim(F.linear(hidden, self.weight))
+        return logits[:, : self.vocab_size].float()
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and rounded once to the input dtype (as HF does)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _parameter((size,), default_weight_loader, fill=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-norm residual step: returns (norm(x + residual), x + residual)."""
+        residual = x + residual
+        return self(residual), residual
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """The rotary inverse frequencies [head_dim / 2] (float32) of a rope type and its parameters."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]  # type: ignore[index]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)  # type: ignore[arg-type]
+    raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 scaling: wavelengths longer than the original context / low_freq_factor are stretched by
+    `factor`, those shorter than original / high_freq_factor are kept, and the band between blends the
+    two linearly in (original context / wavelength)."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    blend = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding (rotate the two halves of each head) with a float32 cos/sin table."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any] | None) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of each token's position, [T, 1, head_dim / 2] float32 (broadcast over heads)."""
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by its positions' angles, in float32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class SiluAndMul(nn.Module):
+    """silu(gate) * up for the merged [T, 2 * I] gate/up projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class Attention(nn.Module):
+    """Paged attention of this rank's heads: store the new K/V by slot mapping, then attend over the
+    block tables. `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) are bound by
+    the model runner before the first forward."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, num_heads, d], k/v [T, num_kv_heads, d] (v may be a strided view) -> [T, num_heads, d]."""
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("attention has no KV cache; the model runner binds one with bind_kv_cache")
+        metadata = get_attention_metadata()
+        if q.is_cuda:
+            return self._forward_triton(q, k, v, metadata)
+        reference.store_kvcache(k, v, self.k_cache, self.v_cache, metadata.slot_mapping)
+        if metadata.is_decode:
+            return reference.paged_decode(
+                q, self.k_cache, self.v_cache, metadata.block_tables, metadata.context_lens, self.scale
+            )
+        return reference.paged_prefill(
+            q, self.k_cache, self.v_cache, metadata.block_tables, metadata.query_start_loc,
+            metadata.context_lens, self.scale,
+        )
+
+    def _forward_triton(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        kernels.store_kvcache(k, v, self.k_cache, self.v_cache, metadata.slot_mapping)
+        if metadata.is_decode:
+            return kernels.paged_decode(
+                q, self.k_cache, self.v_cache, metadata.block_tables, metadata.context_lens, scale=self.scale
+            )
+        return kernels.paged_prefill(
+            q, self.k_cache, self.v_cache, metadata.block_tables, metadata.query_start_loc,
+            metadata.context_lens, max_query_len=metadata.max_query_len, scale=self.scale,
+        )
