@@ -24,17 +24,31 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    block_n: int = 64  # KV tokens per iteration (a whole number of pages when block_size divides it)
-    num_warps: int = 4
-    num_stages: int = 3
+    block_n: int  # KV tokens per iteration (a whole number of pages when block_size divides it)
+    num_warps: int
+    num_stages: int
+
+    @staticmethod
+    def default(head_dim: int) -> DecodeConfig:
+        # 64 tokens x 128 dims: one 16 KB K tile and one V tile in flight per program, ~100 registers a
+        # thread, so about five programs fit on an SM.
+        return DecodeConfig(64, 8 if head_dim > 128 else 4, 3)
 
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    block_m: int = 128  # query rows per program: (tokens of the chunk) x (query heads of one KV head)
-    block_n: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
+    block_m: int  # query rows per program: (tokens of the chunk) x (query heads of one KV head)
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @staticmethod
+    def default(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+        # 128 x 64 tiles, two warpgroups: the usual shape of a Hopper flash-attention forward. Wider
+        # heads and fp32 halve the tiles to stay within registers and shared memory.
+        if head_dim > 128 or dtype == torch.float32:
+            return PrefillConfig(64, 64, 4, 2)
+        return PrefillConfig(128, 64, 8, 3)
 
 
 @dataclass(frozen=True)
@@ -218,7 +232,7 @@ def paged_decode(
     if num_splits is None:
         bound = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
         num_splits = decode_split_plan(num_seqs, num_kv_heads, bound, num_sms(q.device))
-    cfg = config or DecodeConfig()
+    cfg = config or DecodeConfig.default(head_dim)
     if num_splits > 1:
         if workspace is None:
             workspace = DecodeWorkspace.allocate(num_seqs, num_q_heads, head_dim, num_splits, q.device)
@@ -369,7 +383,7 @@ def paged_prefill(
         out = torch.empty_like(q)
     if num_seqs == 0 or max_query_len <= 0:
         return out
-    cfg = config or PrefillConfig()
+    cfg = config or PrefillConfig.default(head_dim, k_cache.dtype)
     block_m = max(cfg.block_m, group_pad, 16)
     grid = (num_kv_heads, triton.cdiv(max_query_len, block_m // group_pad), num_seqs)
     _prefill_kernel[grid](

@@ -1,0 +1,172 @@
+"""Triton kernels on a CUDA device at real sizes: bf16/fp16/fp32 against the reference, replay inside a
+CUDA graph with new inputs, and pools past 2^31 elements (64-bit offsets). Skipped without CUDA.
+
+Failures name the sequence rows and heads that differ; `pytest -s` also prints each case's split plan.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from streampage.kernels import reference
+from streampage.kernels.paged_attention import DecodeWorkspace, decode_split_plan, num_sms
+from test_kernels import TOLERANCE, assert_matches, build_batch, run_decode, run_prefill
+
+from streampage import kernels
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# (block_size, head_dim, q_heads, kv_heads, dtype): the Llama-3-8B shape first, then the edges.
+LAYOUTS = [
+    (16, 128, 32, 8, torch.bfloat16),
+    (8, 64, 8, 8, torch.bfloat16),  # MHA
+    (32, 128, 56, 8, torch.float16),  # group 7 (padded to 8 rows per token)
+    (64, 256, 16, 2, torch.bfloat16),  # group 8, wide heads
+    (16, 128, 32, 8, torch.float32),
+]
+LAYOUT_IDS = [f"bs{b}-d{d}-q{q}-kv{kv}-{str(t)[6:]}" for b, d, q, kv, t in LAYOUTS]
+
+
+@pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads", "dtype"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("num_splits", [None, 1, 7, 32])
+def test_decode_matches_reference(block_size, head_dim, q_heads, kv_heads, dtype, num_splits) -> None:
+    lengths = [1, 15, 16, 17, 0, 1000, 4097, 8192]
+    batch = build_batch(lengths, [1] * len(lengths), q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                        block_size=block_size, dtype=dtype, device="cuda")
+    actual, expected = run_decode(batch, num_splits=num_splits)
+    plan = decode_split_plan(len(lengths), kv_heads, batch.block_tables.shape[1] * block_size,
+                             num_sms(batch.q.device))
+    print(f"decode splits={num_splits} (plan {plan}) lengths={lengths}")
+    assert_matches(actual, expected, TOLERANCE[dtype], f"decode splits={num_splits} lengths={lengths}")
+    assert not actual[4].any(), "a row with context_len 0 must give zeros"
+
+
+@pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads", "dtype"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("context_lens", "query_lens"),
+    [
+        ([1, 15, 16, 17, 1000, 2048], [1, 15, 16, 17, 1000, 2048]),  # whole prompts
+        ([3000, 2049, 700], [500, 1, 129]),  # chunks over cached prefixes
+        ([300, 1024, 0, 77, 5000], [1, 1024, 0, 0, 1]),  # mixed: decode rows, a prompt, idle rows
+    ],
+    ids=["prompts", "chunked", "mixed"],
+)
+def test_prefill_matches_reference(
+    block_size, head_dim, q_heads, kv_heads, dtype, context_lens, query_lens
+) -> None:
+    batch = build_batch(context_lens, query_lens, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                        block_size=block_size, dtype=dtype, device="cuda")
+    actual, expected = run_prefill(batch)
+    assert_matches(actual, expected, TOLERANCE[dtype], f"prefill ctx={context_lens} q={query_lens}")
+
+
+@pytest.mark.parametrize("num_seqs", [8, 64])
+def test_store_and_decode_replay_in_cuda_graph(num_seqs) -> None:
+    """Capture store_kvcache + paged_decode once, as the runner does for a batch-size bucket, then replay
+    with new queries, context lengths, block tables and slots (padding rows: slot -1, length 0)."""
+    q_heads, kv_heads, head_dim, block_size, max_context = 32, 8, 128, 16, 4096
+    dtype, device = torch.bfloat16, torch.device("cuda")
+    max_blocks = max_context // block_size
+    num_blocks = num_seqs * max_blocks + 1
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.zeros(num_seqs, q_heads, head_dim, dtype=dtype, device=device)
+    new_k = torch.zeros(num_seqs, kv_heads, head_dim, dtype=dtype, device=device)
+    new_v = torch.zeros_like(new_k)
+    slots = torch.full((num_seqs,), -1, dtype=torch.int64, device=device)
+    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=device)
+    lengths = torch.zeros(num_seqs, dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    num_splits = decode_split_plan(num_seqs, kv_heads, max_context, num_sms(device))
+    workspace = DecodeWorkspace.allocate(num_seqs, q_heads, head_dim, num_splits, device)
+    scale = head_dim**-0.5
+
+    def step() -> None:
+        kernels.store_kvcache(new_k, new_v, k_cache, v_cache, slots)
+        kernels.paged_decode(q, k_cache, v_cache, tables, lengths, scale, out=out, num_splits=num_splits,
+                             workspace=workspace)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles every kernel before capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    gen = torch.Generator().manual_seed(num_seqs)
+    for trial in range(4):
+        new_lengths = torch.randint(0, max_context + 1, (num_seqs,), generator=gen)
+        new_lengths[: min(4, num_seqs)] = torch.tensor([1, 17, max_context, 0][: min(4, num_seqs)])
+        if trial == 3:
+            new_lengths[:] = 0  # an all-padding batch
+        table = torch.randperm(num_blocks - 1, generator=gen)[: num_seqs * max_blocks].view(num_seqs, -1) + 1
+        new_slots = torch.where(
+            new_lengths > 0,
+            table.gather(1, ((new_lengths - 1).clamp(min=0) // block_size)[:, None])[:, 0] * block_size
+            + (new_lengths - 1).clamp(min=0) % block_size,
+            -1,
+        )
+        q.copy_(torch.randn(q.shape, generator=gen))
+        new_k.copy_(torch.randn(new_k.shape, generator=gen))
+        new_v.copy_(torch.randn(new_v.shape, generator=gen))
+        tables.copy_(table)
+        lengths.copy_(new_lengths)
+        slots.copy_(new_slots)
+        graph.replay()
+        torch.cuda.synchronize()
+        written = new_slots >= 0
+        blocks, offsets = new_slots[written] // block_size, new_slots[written] % block_size
+        assert torch.equal(k_cache[blocks.to(device), offsets.to(device)], new_k[written.to(device)])
+        assert torch.equal(v_cache[blocks.to(device), offsets.to(device)], new_v[written.to(device)])
+        expected = reference.paged_decode(q, k_cache, v_cache, tables, lengths, scale)
+        print(f"graph replay {trial}: splits={num_splits} lengths={new_lengths.tolist()}")
+        assert_matches(out, expected, TOLERANCE[dtype], f"graph replay {trial}, lengths {new_lengths.tolist()}")
+        assert not out[new_lengths.to(device) == 0].any(), "padding rows must give zeros"
+
+
+def test_pool_past_int32_offsets() -> None:
+    """Blocks whose element offsets exceed 2^31: store, decode, prefill and copy_blocks all reach them."""
+    block_size, kv_heads, head_dim, q_heads, dtype = 16, 8, 128, 32, torch.bfloat16
+    block_numel = block_size * kv_heads * head_dim
+    num_blocks = 2**31 // block_numel + 64
+    k_cache = torch.empty(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device="cuda")
+    v_cache = torch.empty_like(k_cache)
+    high = torch.arange(num_blocks - 1, num_blocks - 41, -1, device="cuda")  # the last 40 blocks
+    k_cache[high] = torch.randn(40, block_size, kv_heads, head_dim, dtype=dtype, device="cuda")
+    v_cache[high] = torch.randn(40, block_size, kv_heads, head_dim, dtype=dtype, device="cuda")
+    tables = high.view(2, 20).to(torch.int32)
+    lengths = torch.tensor([320, 250], dtype=torch.int32, device="cuda")
+    scale = head_dim**-0.5
+
+    new_k = torch.randn(2, kv_heads, head_dim, dtype=dtype, device="cuda")
+    new_v = torch.randn_like(new_k)
+    slots = (tables[:, -1].long() * block_size + torch.tensor([15, 9], device="cuda"))
+    kernels.store_kvcache(new_k, new_v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache[tables[:, -1].long(), torch.tensor([15, 9], device="cuda")], new_k)
+    assert torch.equal(v_cache[tables[:, -1].long(), torch.tensor([15, 9], device="cuda")], new_v)
+
+    q = torch.randn(2, q_heads, head_dim, dtype=dtype, device="cuda")
+    for splits in (1, 4):
+        actual = kernels.paged_decode(q, k_cache, v_cache, tables, lengths, scale, num_splits=splits)
+        expected = reference.paged_decode(q, k_cache, v_cache, tables, lengths, scale)
+        assert_matches(actual, expected, TOLERANCE[dtype], f"decode past 2^31, splits={splits}")
+
+    starts = torch.tensor([0, 100, 101], dtype=torch.int32, device="cuda")
+    qp = torch.randn(101, q_heads, head_dim, dtype=dtype, device="cuda")
+    actual = kernels.paged_prefill(qp, k_cache, v_cache, tables, starts, lengths, 100, scale)
+    expected = reference.paged_prefill(qp, k_cache, v_cache, tables, starts, lengths, scale)
+    assert_matches(actual, expected, TOLERANCE[dtype], "prefill past 2^31")
+    del k_cache, v_cache
+
+    pool = torch.empty(2, 2, 2**31 // (4 * block_numel) + 8, block_size, kv_heads, head_dim, dtype=dtype,
+                       device="cuda")
+    last = pool.shape[2] - 1
+    pool[:, :, last - 1] = torch.randn(2, 2, block_size, kv_heads, head_dim, dtype=dtype, device="cuda")
+    expected_block = pool[:, :, last - 1].clone()
+    kernels.copy_blocks(pool, torch.tensor([[last - 1, last]], device="cuda"))
+    assert torch.equal(pool[:, :, last], expected_block)
