@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import json
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import orjson
 import pytest
@@ -75,10 +75,8 @@ class ScriptedServer:
 
 
 async def _send(ws, **frame) -> None:
-    try:
+    with suppress(ConnectionClosed):
         await ws.send(orjson.dumps(frame).decode())
-    except ConnectionClosed:
-        pass
 
 
 @contextmanager
