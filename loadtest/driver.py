@@ -42,12 +42,16 @@ class LoadPoint:
         return rate if self.max_concurrency is None else f"{rate} concurrency={self.max_concurrency}"
 
 
+LAG_PROBE_INTERVAL_S = 0.01
+
+
 @dataclass
 class PointResult:
     point: LoadPoint
     started_at: float
     finished_at: float = 0.0
     records: list[RequestRecord] = field(default_factory=list)
+    loop_lags: list[float] = field(default_factory=list)   # seconds the client's event loop ran late
 
     @property
     def duration_s(self) -> float:
@@ -80,6 +84,7 @@ async def run_point(client: BackendClient, point: LoadPoint, specs: Iterator[Req
     """Issue the point's requests and wait for all of them; every issued request has a record."""
     gate = asyncio.Semaphore(point.max_concurrency) if point.max_concurrency else None
     result = PointResult(point, started_at=perf_counter())
+    probe = asyncio.create_task(_probe_loop_lag(result.loop_lags))
     tasks: list[asyncio.Task[None]] = []
     with tqdm(total=point.num_prompts, desc=point.label, unit="req", disable=not progress) as bar:
         issuer = _Issuer(client, gate, point.closed_loop, request_timeout, bar)
@@ -93,7 +98,17 @@ async def run_point(client: BackendClient, point: LoadPoint, specs: Iterator[Req
             tasks.append(asyncio.create_task(issuer(spec, record)))
         await asyncio.gather(*tasks)
     result.finished_at = perf_counter()
+    probe.cancel()
     return result
+
+
+async def _probe_loop_lag(samples: list[float]) -> None:
+    """How late the event loop wakes a short timer: a late loop means the client itself is saturated,
+    and every timestamp it takes is late by as much."""
+    while True:
+        start = perf_counter()
+        await asyncio.sleep(LAG_PROBE_INTERVAL_S)
+        samples.append(perf_counter() - start - LAG_PROBE_INTERVAL_S)
 
 
 async def _next_due(point: LoadPoint, gate: asyncio.Semaphore | None, start: float, offset: float,

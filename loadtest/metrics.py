@@ -61,8 +61,10 @@ def describe(name: str, samples_s: Sequence[float], percentiles: Sequence[float]
 
 
 def summarize(records: Sequence[RequestRecord], duration_s: float, percentiles: Sequence[float],
-              slo: SLO) -> dict[str, Any]:
-    """The summary over the measured (`client`) records; disturbers only appear in `disturbers`."""
+              slo: SLO, loop_lags: Sequence[float] = ()) -> dict[str, Any]:
+    """The summary over the measured (`client`) records; disturbers only appear in `disturbers`.
+
+    `loop_lags` (seconds the client's event loop woke late) tell whether the client kept up."""
     clients = [r for r in records if r.role == CLIENT]
     ok = [r for r in clients if r.succeeded]
     total_input = sum(r.input_tokens for r in ok)
@@ -83,6 +85,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, percentiles: 
     for name, samples in _latency_samples(ok).items():
         summary |= describe(name, samples, percentiles)
     summary |= _extras(clients, ok, percentiles)
+    summary |= describe("loop_lag", loop_lags, percentiles)
     summary["disturbers"] = outcomes([r for r in records if r.role != CLIENT])
     return summary
 

@@ -16,6 +16,8 @@ from loadtest.metrics import LATENCY_METRICS, percentile_key
 TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
           "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
 WIDTH = 56
+# A client whose event loop wakes this late stamps every chunk late by as much: say so.
+LOOP_LAG_WARNING_MS = 5.0
 
 
 def format_point(label: str, summary: dict[str, Any], percentiles: Sequence[float]) -> str:
@@ -44,7 +46,11 @@ def format_point(label: str, summary: dict[str, Any], percentiles: Sequence[floa
               _line("Normalized latency (ms/token)", summary["mean_normalized_latency_ms"]),
               _line("Mean send delay (ms)", summary["mean_send_delay_ms"]),
               _line("Mean tokens per chunk", summary["mean_tokens_per_chunk"]),
-              _line("Sequence gaps", summary["seq_gaps"])]
+              _line("Sequence gaps", summary["seq_gaps"]),
+              _line("Mean client loop lag (ms)", summary["mean_loop_lag_ms"])]
+    if (summary["mean_loop_lag_ms"] or 0.0) > LOOP_LAG_WARNING_MS:
+        lines.append("warning: the client's event loop ran late; its timings are inflated "
+                     "(split the load over several loadtest processes)")
     if summary["disturbers"]:
         lines.append(_line("Disturber outcomes", _counts(summary["disturbers"])))
     lines.append("=" * WIDTH)

@@ -137,6 +137,7 @@ def test_measured_timings_match_the_script(server, tmp_path, connections):
     assert summary["mean_tokens_per_chunk"] == pytest.approx(6 / 5)
     assert summary["request_goodput"] is not None and summary["seq_gaps"] == 0
     assert summary["peak_concurrency"] <= 4
+    assert summary["mean_loop_lag_ms"] is not None
     assert data["settings"]["backend"]["api_key"] is False
     assert all((plots / name).stat().st_size > 0
                for name in ("latency.png", "throughput.png", "normalized_latency.png"))
