@@ -86,7 +86,9 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, percentiles: 
         summary |= describe(name, samples, percentiles)
     summary |= _extras(clients, ok, percentiles)
     summary |= describe("loop_lag", loop_lags, percentiles)
-    summary["disturbers"] = outcomes([r for r in records if r.role != CLIENT])
+    disturbers = [r for r in records if r.role != CLIENT]
+    summary["disturbers"] = outcomes(disturbers)
+    summary["disturber_tokens_per_chunk"] = tokens_per_chunk(disturbers)
     return summary
 
 
@@ -104,16 +106,20 @@ def _extras(clients: Sequence[RequestRecord], ok: Sequence[RequestRecord],
     """What vLLM does not report but a WebSocket deployment needs to see."""
     normalized = [r.e2el / r.output_tokens for r in ok if r.output_tokens > 0]
     send_delays = [r.sent_at - r.scheduled_at for r in clients if r.sent_at is not None]
-    chunks = sum(len(r.chunk_times) for r in ok)
-    tokens = sum(sum(r.chunk_tokens) for r in ok)
     return {
         "mean_normalized_latency_ms": float(np.mean(normalized)) * 1000 if normalized else None,
         **describe("send_delay", send_delays, percentiles),
-        "mean_tokens_per_chunk": tokens / chunks if chunks else None,
+        "mean_tokens_per_chunk": tokens_per_chunk(ok),
         "peak_concurrency": peak_concurrency(clients),
         "seq_gaps": sum(r.seq_gaps for r in clients),
         "failures": dict(Counter(r.error or "unfinished" for r in clients if not r.succeeded)),
     }
+
+
+def tokens_per_chunk(records: Sequence[RequestRecord]) -> float | None:
+    """Tokens per delivered chunk: above 1 when the server merged deltas (a slow reader's, say)."""
+    chunks = sum(len(r.chunk_times) for r in records)
+    return sum(sum(r.chunk_tokens) for r in records) / chunks if chunks else None
 
 
 def outcomes(records: Sequence[RequestRecord]) -> dict[str, int]:

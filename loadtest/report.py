@@ -52,7 +52,8 @@ def format_point(label: str, summary: dict[str, Any], percentiles: Sequence[floa
         lines.append("warning: the client's event loop ran late; its timings are inflated "
                      "(split the load over several loadtest processes)")
     if summary["disturbers"]:
-        lines.append(_line("Disturber outcomes", _counts(summary["disturbers"])))
+        lines += [f"Disturber outcomes: {_counts(summary['disturbers'])}",
+                  _line("Disturber tokens per chunk", summary["disturber_tokens_per_chunk"])]
     lines.append("=" * WIDTH)
     return "\n".join(lines)
 

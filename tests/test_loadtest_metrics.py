@@ -50,6 +50,7 @@ def test_summary_matches_hand_computation(records):
     assert s["mean_tokens_per_chunk"] == pytest.approx(5 / 4)
     assert s["failures"] == {"error:server_overloaded": 1}
     assert s["disturbers"] == {"status:cancelled": 1}
+    assert s["disturber_tokens_per_chunk"] == pytest.approx(1.0)
     assert s["peak_concurrency"] == 2
     assert s["mean_send_delay_ms"] == pytest.approx(0.0)
 
