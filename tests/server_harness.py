@@ -75,6 +75,12 @@ class Client:
         await self.wait_for(lambda: len(self.untagged) >= count, timeout)
         return self.untagged[count - 1]
 
+    async def closed(self, timeout: float = WAIT_S) -> int | None:
+        """Wait for the server to close the connection; its close code."""
+        async with asyncio.timeout(timeout):
+            await self._reader
+        return self.ws.close_code
+
     async def close(self) -> None:
         await self.ws.close()
         await self._reader

@@ -86,8 +86,12 @@ ClientMessage = CreateRequest | CancelRequest | Ping
 class RequestLimits:
     """Limits checked while parsing, before any tokenization."""
 
+    max_message_bytes: int
     max_output_tokens: int
     max_request_timeout: float
+
+
+_UTF8_MAX_BYTES_PER_CHAR = 4
 
 
 def parse_message(raw: str | bytes, limits: RequestLimits) -> ClientMessage:
@@ -100,6 +104,10 @@ def parse_message(raw: str | bytes, limits: RequestLimits) -> ClientMessage:
         raise ProtocolError(ErrorCode.INVALID_JSON, f"message is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a message must be a JSON object")
+    if _too_large(raw, limits.max_message_bytes):
+        request_id = data.get("request_id")
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"message is larger than {limits.max_message_bytes} bytes",
+                            request_id=request_id if isinstance(request_id, str) else None)
     kind = data.get("type")
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a message needs a string field 'type'", param="type")
@@ -112,6 +120,13 @@ def parse_message(raw: str | bytes, limits: RequestLimits) -> ClientMessage:
     if kind == "ping":
         return _parse_ping(data)
     raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}", param="type")
+
+
+def _too_large(raw: str, limit: int) -> bool:
+    # Encoding is needed only when the character count leaves the byte count in doubt. Oversized
+    # messages are still parsed (the socket reads at most twice the limit) to name their request.
+    return len(raw) > limit or (len(raw) * _UTF8_MAX_BYTES_PER_CHAR > limit
+                                and len(raw.encode("utf-8", "surrogatepass")) > limit)
 
 
 def _request_id(data: dict[str, Any]) -> str:
@@ -157,7 +172,7 @@ def _parse_create(data: dict[str, Any], limits: RequestLimits) -> CreateRequest:
 
 
 def _prompt_fields(data: dict[str, Any]) -> dict[str, Any]:
-    given = [name for name in PROMPT_FIELDS if name in data]
+    given = [name for name in PROMPT_FIELDS if data.get(name) is not None]  # null counts as absent
     if len(given) != 1:
         raise InvalidParameterError(
             "prompt", f"give exactly one of prompt, messages, prompt_token_ids (got {len(given)})")

@@ -103,7 +103,7 @@ class RequestStream:
 
     async def run(self) -> None:
         try:
-            outputs = await self._accept()
+            outputs, first = await self._accept()
         except ProtocolError as exc:
             self._refuse(exc)
             return
@@ -112,7 +112,14 @@ class RequestStream:
                 raise
             self._refuse(_forced_refusal(self.end_reason))
             return
+        except Exception:
+            logger.exception("request %s failed before the engine accepted it", self.engine_request_id)
+            self._refuse(ProtocolError(ErrorCode.INTERNAL_ERROR, "the server failed to start this request"))
+            return
         try:
+            self._on_output(first)
+            if self.end_reason is not None:
+                self.request_abort(self.end_reason)  # asked to end before the engine accepted it
             await self._stream(outputs)
         except asyncio.CancelledError:
             if not self._forced:
@@ -126,8 +133,9 @@ class RequestStream:
             await self._close_stream(outputs)
             self._finish()
 
-    async def _accept(self) -> AsyncIterator[RequestOutput]:
-        """Encode, check limits, take a queue place and wait for the engine to accept."""
+    async def _accept(self) -> tuple[AsyncIterator[RequestOutput], RequestOutput]:
+        """Encode, check limits, take a queue place and wait for the engine to accept; then send
+        response.created (the last step, so nothing after acceptance can fail here)."""
         prompt_ids = self._encode()
         try:
             self._ticket = self.ctx.admission.enter(len(prompt_ids))
@@ -143,10 +151,7 @@ class RequestStream:
             raise ProtocolError(ErrorCode.INTERNAL_ERROR, "the engine failed") from None
         self.accepted = True
         self.outbox.put(protocol.created_frame(self.request_id, self.prompt_tokens, first.num_cached_tokens))
-        self._on_output(first)
-        if self.end_reason is not None:
-            self.request_abort(self.end_reason)
-        return outputs
+        return outputs, first
 
     def _encode(self) -> list[int]:
         request = self.request

@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 # Ids of requests that ended lately: a cancel racing a request's end is not an unknown id.
 _RECENTLY_ENDED = 1024
-_UTF8_MAX_BYTES_PER_CHAR = 4
 
 
 class Session:
@@ -38,7 +37,8 @@ class Session:
         self.outbox = Outbox(ctx.config.client_buffer_bytes, self._on_overflow)
         self.live: dict[str, RequestStream] = {}
         self._recently_ended: OrderedDict[str, None] = OrderedDict()
-        self._limits = protocol.RequestLimits(ctx.config.max_output_tokens, ctx.config.max_request_timeout)
+        self._limits = protocol.RequestLimits(ctx.config.max_message_bytes, ctx.config.max_output_tokens,
+                                              ctx.config.max_request_timeout)
         self._writer: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
 
@@ -88,7 +88,6 @@ class Session:
 
     def _dispatch(self, raw: str | bytes) -> None:
         try:
-            self._check_size(raw)
             message = protocol.parse_message(raw, self._limits)
         except ProtocolError as exc:
             self._send_error(exc)
@@ -99,13 +98,6 @@ class Session:
             self._cancel(message)
         elif isinstance(message, Ping):
             self.outbox.put(protocol.pong_frame(message.event_id))
-
-    def _check_size(self, raw: str | bytes) -> None:
-        limit = self.ctx.config.max_message_bytes
-        # Encoding is needed only when the character count leaves the byte count in doubt.
-        if len(raw) > limit or (isinstance(raw, str) and len(raw) * _UTF8_MAX_BYTES_PER_CHAR > limit
-                                and len(raw.encode("utf-8", "surrogatepass")) > limit):
-            raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"message is larger than {limit} bytes")
 
     def _create(self, request: CreateRequest) -> None:
         request_id = request.request_id
