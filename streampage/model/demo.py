@@ -162,7 +162,7 @@ def default_demo_path() -> Path:
 def ensure_demo_model(path: str | Path | None = None) -> Path:
     """The demo checkpoint at `path` (default: default_demo_path()), written on first use."""
     path = Path(path) if path is not None else default_demo_path()
-    if not _is_complete(path):
+    if not _is_complete(path, "demo"):
         write_demo_model(path)
     return path
 
@@ -184,7 +184,7 @@ def write_demo_model(path: str | Path, shape: str = "demo") -> Path:
         try:
             staging.rename(path)
         except OSError:
-            if not _is_complete(path):  # lost a race only if the winner left a whole checkpoint
+            if not _is_complete(path, shape):  # lost a race only if the winner left a whole checkpoint
                 raise
     return path
 
@@ -210,8 +210,10 @@ def _write_checkpoint(path: Path, shape: str) -> None:
         save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _is_complete(path: Path) -> bool:
-    required = ("config.json", "tokenizer.json", "tokenizer_config.json")
+def _is_complete(path: Path, shape: str) -> bool:
+    required = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    if shape == "demo":
+        required.append("model.safetensors")
     return all((path / name).is_file() for name in required)
 
 
@@ -229,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.path) if args.path else default_demo_path()
-    if args.shape == "demo" and _is_complete(path):
+    if args.shape == "demo" and _is_complete(path, "demo"):
         print(f"The demo model is already at {path}.")
         return 0
     try:

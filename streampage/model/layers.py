@@ -54,9 +54,9 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.output_size_local = divide(output_size, tp_size(), "output size")
-        self.weight = _parameter((self.output_size_local, input_size), self.weight_loader)
-        self.bias = _parameter((self.output_size_local,), self.weight_loader) if bias else None
+        output_size_local = divide(output_size, tp_size(), "output size")
+        self.weight = _parameter((output_size_local, input_size), self.weight_loader)
+        self.bias = _parameter((output_size_local,), self.weight_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         size = param.shape[0]
