@@ -151,7 +151,18 @@ def _write(settings: Settings, runs: list[tuple[str, PointResult]], summaries: l
         write_json(settings.output, data)
     if settings.plot_dir is not None:
         axis = "run" if settings.scenario else settings.sweep_axis
-        plot_sweep(summaries, axis, settings.percentiles, settings.plot_dir)
+        ticks = [(_tick(settings, label, r), summary) for (label, r), (_, summary) in zip(runs, summaries,
+                                                                                          strict=True)]
+        plot_sweep(ticks, axis, settings.percentiles, settings.plot_dir)
+
+
+def _tick(settings: Settings, label: str, result: PointResult) -> str:
+    """A plot's x tick: the swept value alone (the axis names it), or the run's label for a scenario."""
+    if settings.scenario is not None:
+        return label
+    if settings.sweep_axis == "max concurrency":
+        return str(result.point.max_concurrency)
+    return f"{result.point.request_rate:g}"
 
 
 def _exit_code(summaries: list[tuple[str, dict[str, Any]]]) -> int:

@@ -50,7 +50,8 @@ def plot_comparison(name: str, table: dict[str, dict[str, float | None]], out_di
 
 def _latency(points: Summaries, labels: list[str], axis: str, percentiles: Sequence[float],
              path: Path) -> Path:
-    stats = ["mean", "median", *(percentile_key(p) for p in percentiles)]
+    # The median is drawn once even when p50 was asked for.
+    stats = ["mean", "median", *(percentile_key(p) for p in percentiles if p != 50)]
     fig = Figure(figsize=(12, 8))
     axes = fig.subplots(2, 2)
     for ax, metric in zip(axes.flat, LATENCY_METRICS, strict=True):

@@ -126,6 +126,7 @@ async def _disturb(scenario: ScenarioConfig, backend: BackendConfig, index: int,
                    records: list[RequestRecord], behaviour: Behaviour, request_timeout: float) -> None:
     """One disturbing client: request, read a few tokens, misbehave, repeat until cancelled."""
     connection: StreamConnection | None = None
+    record: RequestRecord | None = None
     try:
         for cycle in itertools.count():
             spec = next(specs)
@@ -142,6 +143,9 @@ async def _disturb(scenario: ScenarioConfig, backend: BackendConfig, index: int,
             await _one_disturbance(connection, Stream(record, scenario.disturb_after), payload, behaviour,
                                    request_timeout)
     finally:
+        if record is not None:
+            # Cut short by the end of the measured run, not by the server.
+            record.finish(perf_counter(), "run_ended")
         if connection is not None and not connection.closed:
             connection.abort()
 
