@@ -23,6 +23,8 @@ from loadtest.records import RequestRecord
 from loadtest.websocket_backend import open_websocket_client
 from loadtest.workloads import RequestSpec, WorkloadConfig, generate
 
+LAG_PROBE_INTERVAL_S = 0.01
+
 
 @dataclass(frozen=True)
 class LoadPoint:
@@ -40,9 +42,6 @@ class LoadPoint:
     def label(self) -> str:
         rate = f"rate={self.request_rate:g}"
         return rate if self.max_concurrency is None else f"{rate} concurrency={self.max_concurrency}"
-
-
-LAG_PROBE_INTERVAL_S = 0.01
 
 
 @dataclass
@@ -86,19 +85,21 @@ async def run_point(client: BackendClient, point: LoadPoint, specs: Iterator[Req
     result = PointResult(point, started_at=perf_counter())
     probe = asyncio.create_task(_probe_loop_lag(result.loop_lags))
     tasks: list[asyncio.Task[None]] = []
-    with tqdm(total=point.num_prompts, desc=point.label, unit="req", disable=not progress) as bar:
-        issuer = _Issuer(client, gate, point.closed_loop, request_timeout, bar)
-        arrivals = arrival_offsets(point.request_rate, point.burstiness, seed)
-        for index, (spec, offset) in enumerate(zip(specs, arrivals, strict=False)):
-            due = await _next_due(point, gate, result.started_at, offset, index)
-            if due is None:
-                break
-            record = RequestRecord(f"r{index}", len(spec.prompt_token_ids), spec.max_tokens, due)
-            result.records.append(record)
-            tasks.append(asyncio.create_task(issuer(spec, record)))
-        await asyncio.gather(*tasks)
+    try:
+        with tqdm(total=point.num_prompts, desc=point.label, unit="req", disable=not progress) as bar:
+            issuer = _Issuer(client, gate, point.closed_loop, request_timeout, bar)
+            arrivals = arrival_offsets(point.request_rate, point.burstiness, seed)
+            for index, (spec, offset) in enumerate(zip(specs, arrivals, strict=False)):
+                due = await _next_due(point, gate, result.started_at, offset, index)
+                if due is None:
+                    break
+                record = RequestRecord(f"r{index}", len(spec.prompt_token_ids), spec.max_tokens, due)
+                result.records.append(record)
+                tasks.append(asyncio.create_task(issuer(spec, record)))
+            await asyncio.gather(*tasks)
+    finally:
+        probe.cancel()
     result.finished_at = perf_counter()
-    probe.cancel()
     return result
 
 

@@ -66,8 +66,10 @@ async def run_scenario(scenario: ScenarioConfig, backend: BackendConfig, point: 
         disturbed_backend = replace(backend, connections=max(1, backend.connections))
     runs = []
     for run_backend, disturb in ((baseline_backend, False), (disturbed_backend, True)):
-        async with open_client(run_backend) as client, \
-                _disturbers(scenario if disturb else None, backend, workload, request_timeout) as extra:
+        async with (
+            open_client(run_backend) as client,
+            _disturbers(scenario if disturb else None, backend, workload, request_timeout) as extra,
+        ):
             result = await run_point(client, point, generate(workload), seed=workload.seed,
                                      request_timeout=request_timeout, progress=progress)
         result.records.extend(extra)

@@ -244,5 +244,9 @@ async def _small_buffer_socket(host: str, port: int) -> socket.socket:
     # The receive buffer must be set before connecting: it fixes the TCP window that is offered.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_READER_RCVBUF)
     sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, address)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
     return sock
