@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from streampage.config import EngineConfig
+from streampage.config import ConfigError, EngineConfig
 from streampage.engine import beam_search
 from streampage.engine.kv_cache import KVCacheManager
 from streampage.engine.request import Sequence, SequenceGroup
@@ -54,7 +54,6 @@ class RequestDelta:
     seqs: list[SeqDelta] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
-    arrival_time: float = 0.0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
@@ -65,6 +64,10 @@ class LLMEngine:
         max_model_len: int, eos_token_ids: list[int], vocab_size: int,
     ) -> None:
         cache = config.cache
+        sched = config.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:
+            raise ConfigError(f"without chunked prefill max_num_batched_tokens ({sched.max_num_batched_tokens}) "
+                              f"must be >= max_model_len ({max_model_len}): a whole prompt must fit one step")
         self.config = config
         self.executor = executor
         self.max_model_len = max_model_len
@@ -160,11 +163,14 @@ class LLMEngine:
 
     def _process(self, out: SchedulerOutput, results: list[RowResult | None]) -> list[RequestDelta]:
         now = time.monotonic()
+        kv, block_size = self.kv, self.kv.block_size
         touched: dict[str, tuple[SequenceGroup, RequestDelta]] = {}
         beam_rows: dict[str, list[tuple[Sequence, RowResult]]] = {}
         for seq, group, n, result in zip(out.seqs, out.groups, out.num_new_tokens, results, strict=True):
-            seq.num_computed_tokens += n
-            self.kv.commit_computed(seq)
+            computed = seq.num_computed_tokens + n
+            seq.num_computed_tokens = computed
+            if computed % block_size < n:  # a block filled up: the prefix cache may record it
+                kv.commit_computed(seq)
             if result is None:
                 continue
             entry = touched.get(group.request_id)
@@ -182,8 +188,7 @@ class LLMEngine:
         deltas = []
         for group, delta in touched.values():
             if group.first_token_time is None:
-                group.first_token_time = now
-                delta.first_token_time = now
+                group.first_token_time = delta.first_token_time = now
             if not group.live_seqs():
                 self._finish_group(group, delta)
             deltas.append(delta)
@@ -195,54 +200,47 @@ class LLMEngine:
 
     def _append_sampled(self, group: SequenceGroup, seq: Sequence, result: RowResult, delta: RequestDelta) -> None:
         """Append a row's token; the first draw of an n > 1 request forks the other choices."""
-        targets = [seq]
         if len(result.token_ids) > 1:  # parallel sampling: children share the prompt's blocks
+            targets = [seq]
             for _ in result.token_ids[1:]:
                 child = seq.fork()
                 self.kv.fork(seq, child)
                 group.seqs.append(child)
                 targets.append(child)
+        else:
+            targets = (seq,)
+        top = result.top_logprobs
         for target, token, logprob in zip(targets, result.token_ids, result.logprobs, strict=True):
-            top = result.top_logprobs
-            entry = self._token_logprobs(token, logprob, top) if target.logprobs is not None else None
-            self._append(target, group, token, logprob, entry)
-            choice = self._index_of(group, target)
+            entry = None
+            if target.logprobs is not None:
+                entry = dict(zip(*top, strict=True)) if top is not None else {}
+                entry[token] = logprob
+                target.logprobs.append(entry)
+            self._append(target, group.params, token, logprob)
+            choice = 0 if group.seqs[0] is target else group.seqs.index(target)
             delta.seqs.append(SeqDelta(choice, [token], None if entry is None else [entry],
                                        target.cumulative_logprob, target.finish_reason, target.stop_reason))
 
-    @staticmethod
-    def _index_of(group: SequenceGroup, seq: Sequence) -> int:
-        seqs = group.seqs
-        return 0 if seqs[0] is seq else seqs.index(seq)
-
-    @staticmethod
-    def _token_logprobs(token: int, logprob: float, top: tuple[list[int], list[float]] | None) -> TokenLogprobs:
-        entry = dict(zip(*top, strict=True)) if top is not None else {}
-        entry[token] = logprob
-        return entry
-
-    def _append(self, seq: Sequence, group: SequenceGroup, token: int, logprob: float,
-                entry: TokenLogprobs | None) -> None:
-        seq.token_ids.append(token)
+    def _append(self, seq: Sequence, params: SamplingParams, token: int, logprob: float) -> None:
+        """Append one sampled token and end the sequence if it is done (freeing its blocks)."""
+        tokens = seq.token_ids
+        tokens.append(token)
         seq.cumulative_logprob += logprob
-        if entry is not None and seq.logprobs is not None:
-            seq.logprobs.append(entry)
         self.generation_tokens_total += 1
-        reason = self._stop_reason(seq, group.params, token)
-        if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason
-            self.scheduler.finish_seq(seq)
-
-    def _stop_reason(self, seq: Sequence, params: SamplingParams, token: int) -> tuple[str, int | None] | None:
-        num_output = seq.num_output_tokens
+        num_output = len(tokens) - seq.num_prompt_tokens
         if num_output >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
-                return "stop", None
+                self._end(seq, "stop", None)
+                return
             if token in params.stop_token_ids:
-                return "stop", token
-        if num_output >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length", None
-        return None
+                self._end(seq, "stop", token)
+                return
+        if num_output >= params.max_tokens or len(tokens) >= self.max_model_len:
+            self._end(seq, "length", None)
+
+    def _end(self, seq: Sequence, reason: str, stop_reason: int | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish_seq(seq)
 
     def _beam_step(self, group: SequenceGroup, rows: list[tuple[Sequence, RowResult]], delta: RequestDelta) -> None:
         params = group.params
@@ -303,9 +301,8 @@ class LLMEngine:
         self._finished_ids.append(group.request_id)
 
     def _delta(self, group: SequenceGroup) -> RequestDelta:
-        return RequestDelta(group.request_id, num_cached_tokens=group.num_cached_tokens,
-                            arrival_time=group.arrival_time, first_scheduled_time=group.first_scheduled_time,
-                            first_token_time=group.first_token_time)
+        return RequestDelta(group.request_id, [], False, group.num_cached_tokens, group.first_scheduled_time,
+                            group.first_token_time)
 
     # ---- state -------------------------------------------------------------------------------
 

@@ -49,6 +49,12 @@ class SchedulerOutput:
     def is_decode_only(self) -> bool:
         return self.num_batched_tokens == len(self.seqs)
 
+    def remove_rows_of(self, group: SequenceGroup) -> None:
+        keep = [i for i, g in enumerate(self.groups) if g is not group]
+        self.num_batched_tokens -= sum(n for n, g in zip(self.num_new_tokens, self.groups, strict=True) if g is group)
+        for rows in (self.seqs, self.groups, self.num_new_tokens, self.block_tables):
+            rows[:] = [rows[i] for i in keep]
+
     def add_row(self, seq: Sequence, group: SequenceGroup, num_new_tokens: int, table: list[int]) -> None:
         self.seqs.append(seq)
         self.groups.append(group)
@@ -122,38 +128,48 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        num_decodes = sum(1 for g in self.running for s in g.seqs
-                          if s.status is SeqStatus.RUNNING and s.num_computed_tokens + 1 == len(s.token_ids))
-        prefill_budget = self.config.max_num_batched_tokens - num_decodes
-        prefill_budget = self._schedule_running(out, prefill_budget)
+        budget = self._schedule_running(out)
         if not out.preempted:
-            prefill_budget = self._schedule_swapped(out, prefill_budget)
+            budget = self._schedule_swapped(out, budget)
         if not self.swapped:
-            self._schedule_waiting(out, prefill_budget)
-        now = time.monotonic()
-        for group in out.groups:
-            if group.first_scheduled_time is None:
-                group.first_scheduled_time = now
+            self._schedule_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, prefill_budget: int) -> int:
-        i = 0
-        while i < len(self.running):
-            group = self.running[i]
-            plan, prefill_budget = self._plan_rows(group, prefill_budget, whole_prompt=False)
-            need = sum(self.kv.num_new_blocks_needed(seq, n, hit) for seq, n, hit in plan)
-            preempted_self = False
-            while not self.kv.can_allocate(need, keep_watermark=False):
+    def _schedule_running(self, out: SchedulerOutput) -> int:
+        """Schedule running requests; returns the token budget left for prefill."""
+        kv = self.kv
+        tables, ref_counts, block_size = kv.block_tables, kv.gpu.ref_counts, kv.block_size
+        # Pass 1, the common case in O(1) per request: a lone sequence decoding into a private block
+        # with room. It allocates nothing, so it is trivially undone if the request is preempted.
+        others: list[SequenceGroup] = []
+        for group in self.running:
+            if len(group.seqs) == 1:
+                seq = group.seqs[0]
+                table = tables.get(seq.seq_id)
+                pos = seq.num_computed_tokens
+                if (table is not None and pos + 1 == len(seq.token_ids) and pos // block_size < len(table)
+                        and ref_counts[table[pos // block_size]] == 1):
+                    out.add_row(seq, group, 1, table)
+                    continue
+            others.append(group)
+        # Pass 2, oldest first: the remaining decodes (reserved up front), then prefill chunks.
+        decodes = sum(1 for g in others for s in g.seqs
+                      if s.status is SeqStatus.RUNNING and s.seq_id in tables and s.num_uncomputed_tokens == 1)
+        budget = self.config.max_num_batched_tokens - len(out.seqs) - decodes
+        whole_prompt = not self.config.enable_chunked_prefill
+        for group in others:
+            if group.status is not SeqStatus.RUNNING:
+                continue  # preempted while an older request made room
+            plan, budget = self._plan_rows(group, budget, whole_prompt)
+            need = sum(kv.num_new_blocks_needed(seq, n, hit) for seq, n, hit in plan)
+            while not kv.can_allocate(need, keep_watermark=False):
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is group:
-                    preempted_self = True
                     break
-            if preempted_self:
-                break
-            self._allocate_rows(group, plan, out)
-            i += 1
-        return prefill_budget
+            if group.status is SeqStatus.RUNNING:
+                self._allocate_rows(group, plan, out)
+        return budget
 
     def _schedule_swapped(self, out: SchedulerOutput, prefill_budget: int) -> int:
         while self.swapped:
@@ -186,17 +202,18 @@ class Scheduler:
             prefill_budget = left
             self.waiting.popleft()
             self._start_running(group)
-            first_admission = group.first_scheduled_time is None
             self._allocate_rows(group, plan, out)
-            if first_admission:
+            if group.first_scheduled_time is None:
+                group.first_scheduled_time = time.monotonic()
                 group.num_cached_tokens = group.seqs[0].num_computed_tokens
 
     def _plan_rows(
         self, group: SequenceGroup, prefill_budget: int, whole_prompt: bool
     ) -> tuple[list[tuple[Sequence, int, PrefixHit | None]], int]:
-        """(sequence, tokens, prefix hit) rows for one request, and the prefill budget left."""
+        """(sequence, tokens, prefix hit) rows for one request, and the prefill budget left. Decodes
+        take their reserved token; prefills take what the budget allows (all or nothing when
+        chunking is off: such a sequence waits for a later step)."""
         plan: list[tuple[Sequence, int, PrefixHit | None]] = []
-        budget = prefill_budget
         for seq in group.seqs:
             if seq.status is SeqStatus.FINISHED:
                 continue
@@ -205,17 +222,16 @@ class Scheduler:
             if seq.seq_id not in self.kv.block_tables:
                 hit = self.kv.find_prefix(seq)
                 computed = hit.num_blocks * self.kv.block_size
-            remaining = len(seq.token_ids) - computed
-            if remaining == 1 and seq.seq_id in self.kv.block_tables:
-                plan.append((seq, 1, hit))  # a decode: its token was reserved up front
+            elif len(seq.token_ids) - computed == 1:
+                plan.append((seq, 1, None))
                 continue
-            if whole_prompt and remaining > budget:
-                return [], prefill_budget  # without chunking a prompt waits for a step with room
-            n = min(remaining, budget)
-            if n > 0:
-                plan.append((seq, n, hit))
-                budget -= n
-        return plan, budget
+            remaining = len(seq.token_ids) - computed
+            n = min(remaining, prefill_budget)
+            if n == 0 or (whole_prompt and n < remaining):
+                continue
+            plan.append((seq, n, hit))
+            prefill_budget -= n
+        return plan, prefill_budget
 
     def _allocate_rows(
         self, group: SequenceGroup, plan: list[tuple[Sequence, int, PrefixHit | None]], out: SchedulerOutput
@@ -239,6 +255,8 @@ class Scheduler:
         self._seats -= group.width
         self.num_preemptions += 1
         out.preempted.append(group)
+        if group in out.groups:  # scheduled by the allocation-free first pass: drop its rows
+            out.remove_rows_of(group)
         seqs = group.live_seqs()
         if self._use_swap(group) and self.kv.cpu.num_free >= self.kv.num_blocks_to_swap(seqs):
             out.blocks_to_swap_out.extend(self.kv.swap_out(seqs))
