@@ -1,0 +1,424 @@
+"""`streampage bench kernels`: the paged-attention kernels against SDPA on contiguous KV (GPU only).
+
+One run measures the device copy bandwidth (the ceiling), then `paged_decode` at the bar shapes (Llama-3-8B
+heads: 32 q / 8 kv, d=128, bf16, block 16) with scattered and contiguous block tables, replayed in a CUDA
+graph and launched eagerly, against the faster of SDPA with enable_gqa and SDPA on repeated KV, and
+PyTorch's paged FlexAttention where it runs; then `paged_prefill` against causal SDPA. Times are
+medians of many runs; decode input sets rotate so that no call finds its KV in L2 (prefill is compute
+bound and uses one). `--sweep` also tries tile configs and split counts (minutes) and prints the best
+per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda"
+Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
+DECODE_SHAPES = [(1, 8192), (4, 8192), (16, 4096), (64, 2048), (256, 1024), (32, 8192)]  # (batch, context)
+DECODE_BARS = {(64, 2048): 1.05, (256, 1024): 1.05, (32, 8192): 1.05, (1, 8192): 1.10, (4, 8192): 1.10}
+PREFILL_TOKENS = [1024, 4096, 8192]
+PREFILL_BATCH = 4  # the batched prefill case: this many sequences of the same length
+PREFILL_BAR = 0.7  # minimum throughput relative to SDPA
+MIN_SAMPLE_MS = 2.0  # each timed sample runs enough calls to last at least this long
+FLEX_PAGE = 128  # FlexAttention's paged path wants pages as large as its KV block
+FLEX_BUDGET_S = 90.0  # compile time after which the remaining shapes skip FlexAttention
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", metavar="FILE.json", help="write every number as JSON")
+    parser.add_argument("--reps", type=int, default=15, help="timed samples per measurement (median)")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compiles per shape)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep tile configs and split counts (several minutes)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("streampage bench kernels: needs a CUDA GPU, and torch sees none "
+              f"(torch {torch.__version__}, torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    import triton
+
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(DEVICE)
+    timer = Timer(args.reps)
+    shape = {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
+             "dtype": "bf16"}
+    results: dict[str, Any] = {"device": props.name, "sms": props.multi_processor_count,
+                               "torch": torch.__version__, "triton": triton.__version__, "shape": shape}
+    started = time.perf_counter()
+    results["copy_tb_s"] = copy_bandwidth(timer)
+    print(f"{props.name}: device copy {results['copy_tb_s']:.2f} TB/s (read + written)\n")
+    results["decode"] = []
+    flex_seconds = 0.0  # FlexAttention compiles per shape; stop trying once this passes FLEX_BUDGET_S
+    for num_seqs, context in DECODE_SHAPES:
+        row = bench_decode(num_seqs, context, timer, flex=not args.no_flex and flex_seconds < FLEX_BUDGET_S)
+        flex_seconds += row.get("flex_compile_s", 0.0)
+        results["decode"].append(row)
+        torch.cuda.empty_cache()
+    print_decode(results["decode"], results["copy_tb_s"])
+    results["prefill"] = []
+    for tokens in PREFILL_TOKENS:
+        for num_seqs in (1, PREFILL_BATCH):
+            results["prefill"].append(bench_prefill(tokens, num_seqs, timer))
+            torch.cuda.empty_cache()
+    print_prefill(results["prefill"])
+    if args.sweep:
+        results["sweep"] = sweep(min(args.reps, 7))
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+class Timer:
+    """Median microseconds per call of a rotation of callables (one per input set)."""
+
+    def __init__(self, reps: int) -> None:
+        self.reps = reps
+
+    def _calls(self, fns: list[Callable[[], Any]]) -> int:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for fn in fns:
+            fn()
+        torch.cuda.synchronize()
+        per_call_ms = (time.perf_counter() - start) * 1e3 / len(fns)
+        return max(len(fns), min(200, math.ceil(MIN_SAMPLE_MS / max(per_call_ms, 1e-3))))
+
+    def _median(self, sample: Callable[[], None], calls: int) -> float:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(self.reps):
+            begin.record()
+            sample()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) * 1e3 / calls)
+        return statistics.median(times)
+
+    def eager(self, fns: list[Callable[[], Any]]) -> float:
+        """Launched from Python one after another: includes launch overhead where it dominates."""
+        for fn in fns:  # compile / warm up
+            fn()
+        calls = self._calls(fns)
+
+        def sample() -> None:
+            for i in range(calls):
+                fns[i % len(fns)]()
+
+        sample()
+        return self._median(sample, calls)
+
+    def graph(self, fns: list[Callable[[], Any]]) -> float:
+        """Captured back to back in one CUDA graph and replayed: the kernel time a model step sees."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for fn in fns:  # compile before capture
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        calls = self._calls(fns)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fns[i % len(fns)]()
+        graph.replay()
+        return self._median(graph.replay, calls)
+
+
+def copy_bandwidth(timer: Timer) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    us = timer.eager([lambda: dst.copy_(src)])
+    return 2 * src.numel() / us / 1e6
+
+
+def input_sets(bytes_per_set: int) -> int:
+    """Enough sets that a rotation spans several times the L2, so no call finds its inputs cached."""
+    l2 = getattr(torch.cuda.get_device_properties(DEVICE), "L2_cache_size", 64 << 20)
+    return max(1, min(16, math.ceil(4 * l2 / bytes_per_set)))
+
+
+def _pool(num_seqs: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_seqs * context // BLOCK_SIZE, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    return torch.randn(shape, dtype=DTYPE, device=DEVICE), torch.randn(shape, dtype=DTYPE, device=DEVICE)
+
+
+def _contiguous(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[num_seqs, kv_heads, context, head_dim]: the same tokens laid out for SDPA."""
+    num_seqs = tables.shape[0]
+    return cache[tables.long()].view(num_seqs, -1, KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+
+
+class DecodeInputs:
+    """Rotating input sets of one decode shape: pools, queries, both table layouts, full contexts."""
+
+    def __init__(self, num_seqs: int, context: int) -> None:
+        self.num_seqs, self.context = num_seqs, context
+        self.kv_bytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * DTYPE.itemsize
+        self.sets = input_sets(self.kv_bytes)
+        self.pools = [_pool(num_seqs, context) for _ in range(self.sets)]
+        self.queries = [torch.randn(num_seqs, Q_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+                        for _ in range(self.sets)]
+        blocks = num_seqs * context // BLOCK_SIZE
+        self.tables = {
+            "contiguous": torch.arange(blocks, dtype=torch.int32, device=DEVICE).view(num_seqs, -1),
+            "scattered": torch.randperm(blocks, device=DEVICE).to(torch.int32).view(num_seqs, -1),
+        }
+        self.lengths = torch.full((num_seqs,), context, dtype=torch.int32, device=DEVICE)
+        self.out = torch.empty_like(self.queries[0])
+
+    def paged_calls(self, layout: str, **options: Any) -> list[Callable[[], Any]]:
+        from streampage.kernels import paged_decode
+
+        return [functools.partial(paged_decode, q, k, v, self.tables[layout], self.lengths, HEAD_DIM**-0.5,
+                                  out=self.out, **options)
+                for q, (k, v) in zip(self.queries, self.pools, strict=True)]
+
+
+def bench_decode(num_seqs: int, context: int, timer: Timer, *, flex: bool) -> dict[str, Any]:
+    from streampage.kernels import DecodeWorkspace, decode_split_plan
+    from streampage.kernels.paged_attention import num_sms
+
+    inputs = DecodeInputs(num_seqs, context)
+    splits = decode_split_plan(num_seqs, KV_HEADS, context, num_sms(torch.device(DEVICE)))
+    workspace = DecodeWorkspace.allocate(num_seqs, Q_HEADS, HEAD_DIM, splits, DEVICE)
+    row: dict[str, Any] = {"batch": num_seqs, "context": context, "splits": splits, "input_sets": inputs.sets,
+                           "kv_bytes": inputs.kv_bytes}
+    for layout in ("scattered", "contiguous"):
+        calls = inputs.paged_calls(layout, num_splits=splits, workspace=workspace)
+        row[f"paged_{layout}_graph_us"] = timer.graph(calls)
+        row[f"paged_{layout}_eager_us"] = timer.eager(calls)
+
+    # SDPA reads the same tokens laid out contiguously, q as [B, Hq, 1, D].
+    scale = HEAD_DIM**-0.5
+    sdpa_q = [q.unsqueeze(2) for q in inputs.queries]
+    sdpa_kv = [(_contiguous(k, inputs.tables["contiguous"]), _contiguous(v, inputs.tables["contiguous"]))
+               for k, v in inputs.pools]
+    del inputs
+    group = Q_HEADS // KV_HEADS
+    sdpa = functools.partial(F.scaled_dot_product_attention, scale=scale)
+    variants = {  # repeated KV is 4x larger, already far beyond L2: one set
+        "enable_gqa": lambda: [functools.partial(sdpa, q, k, v, enable_gqa=True)
+                               for q, (k, v) in zip(sdpa_q, sdpa_kv, strict=True)],
+        "repeat_kv": lambda: [functools.partial(sdpa, sdpa_q[0], sdpa_kv[0][0].repeat_interleave(group, 1),
+                                                sdpa_kv[0][1].repeat_interleave(group, 1))],
+    }
+    for variant, make_calls in variants.items():
+        try:
+            calls = make_calls()
+            row[f"sdpa_{variant}_graph_us"] = timer.graph(calls)
+            row[f"sdpa_{variant}_eager_us"] = timer.eager(calls)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            row[f"sdpa_{variant}_error"] = str(exc).splitlines()[0]
+    measured = {v: row[f"sdpa_{v}_graph_us"] for v in variants if f"sdpa_{v}_graph_us" in row}
+    if measured:
+        best = min(measured, key=measured.__getitem__)
+        row["sdpa_variant"], row["sdpa_graph_us"] = best, measured[best]
+        row["sdpa_eager_us"] = row[f"sdpa_{best}_eager_us"]
+        row["ratio_to_sdpa"] = row["paged_scattered_graph_us"] / row["sdpa_graph_us"]
+        row["bar"] = DECODE_BARS.get((num_seqs, context))
+    if flex:
+        row.update(bench_flex_decode(sdpa_q, sdpa_kv, scale, timer))
+    return row
+
+
+def bench_flex_decode(queries: list[torch.Tensor], kv: list[tuple[torch.Tensor, torch.Tensor]], scale: float,
+                      timer: Timer) -> dict[str, Any]:
+    """PyTorch's paged FlexAttention (experimental) on the same tokens, pages of FLEX_PAGE tokens."""
+    try:
+        from torch.nn.attention.experimental._paged_attention import PagedAttention
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention, noop_mask
+
+        torch._dynamo.reset()  # each shape compiles afresh instead of piling up guards on one cache entry
+        num_seqs, _, context, _ = kv[0][0].shape
+        pages = num_seqs * -(-context // FLEX_PAGE)
+        paged = PagedAttention(pages, FLEX_PAGE, num_seqs, device=DEVICE)
+        for i in range(num_seqs):
+            paged.reserve(torch.tensor(i, device=DEVICE), torch.tensor(context, device=DEVICE))
+        batch = torch.arange(num_seqs, device=DEVICE)
+        positions = torch.arange(context, device=DEVICE).expand(num_seqs, context)
+        caches = []
+        for k, v in kv:
+            k_cache = torch.empty(1, KV_HEADS, pages * FLEX_PAGE, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+            v_cache = torch.empty_like(k_cache)
+            paged.assign(batch, positions, k, v, k_cache, v_cache)
+            caches.append((k_cache, v_cache))
+        logical = create_block_mask(noop_mask, num_seqs, None, 1, context, BLOCK_SIZE=FLEX_PAGE)
+        mask = paged.convert_logical_block_mask(logical)
+        score_mod = paged.get_score_mod(None)
+        attend = torch.compile(flex_attention, dynamic=False)
+        fns = [functools.partial(attend, q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
+                                 enable_gqa=True)
+               for q, (k, v) in zip(queries, caches, strict=True)]
+        started = time.perf_counter()
+        fns[0]()
+        result: dict[str, Any] = {"flex_compile_s": round(time.perf_counter() - started, 1)}
+        try:
+            result["flex_graph_us"] = timer.graph(fns)
+        except RuntimeError as exc:  # capture of a compiled callable can fail; eager still measures it
+            result["flex_graph_error"] = str(exc).splitlines()[0]
+        result["flex_eager_us"] = timer.eager(fns)
+        return result
+    except Exception as exc:  # experimental API: any failure means "n/a", never a failed bench
+        return {"flex_error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+
+
+class PrefillInputs:
+    """One batch of `num_seqs` whole prompts of `tokens` tokens on scattered blocks (K/V already stored)."""
+
+    def __init__(self, tokens: int, num_seqs: int) -> None:
+        total = tokens * num_seqs
+        self.tokens, self.num_seqs = tokens, num_seqs
+        self.k_cache, self.v_cache = _pool(num_seqs, tokens)
+        self.tables = torch.randperm(total // BLOCK_SIZE, device=DEVICE).to(torch.int32).view(num_seqs, -1)
+        self.starts = torch.arange(0, total + 1, tokens, dtype=torch.int32, device=DEVICE)
+        self.lengths = torch.full((num_seqs,), tokens, dtype=torch.int32, device=DEVICE)
+        self.q = torch.randn(total, Q_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        self.out = torch.empty_like(self.q)
+
+    def paged_call(self, **options: Any) -> Callable[[], Any]:
+        from streampage.kernels import paged_prefill
+
+        return functools.partial(paged_prefill, self.q, self.k_cache, self.v_cache, self.tables, self.starts,
+                                 self.lengths, self.tokens, HEAD_DIM**-0.5, out=self.out, **options)
+
+
+def bench_prefill(tokens: int, num_seqs: int, timer: Timer) -> dict[str, Any]:
+    inputs = PrefillInputs(tokens, num_seqs)
+    flops = 4 * HEAD_DIM * Q_HEADS * num_seqs * tokens * (tokens + 1) // 2  # causal QK^T and PV
+    row: dict[str, Any] = {"tokens": tokens, "seqs": num_seqs, "tflop": flops / 1e12}
+    row["paged_us"] = timer.graph([inputs.paged_call()])
+    q = inputs.q.view(num_seqs, tokens, Q_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    k, v = _contiguous(inputs.k_cache, inputs.tables), _contiguous(inputs.v_cache, inputs.tables)
+    del inputs
+    group = Q_HEADS // KV_HEADS
+    sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True, scale=HEAD_DIM**-0.5)
+    variants = {
+        "enable_gqa": lambda: functools.partial(sdpa, q, k, v, enable_gqa=True),
+        "repeat_kv": lambda: functools.partial(sdpa, q, k.repeat_interleave(group, 1),
+                                               v.repeat_interleave(group, 1)),
+    }
+    measured = {}
+    for variant, make_call in variants.items():
+        try:
+            measured[variant] = timer.graph([make_call()])
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            row[f"sdpa_{variant}_error"] = str(exc).splitlines()[0]
+    row.update({f"sdpa_{v}_us": us for v, us in measured.items()})
+    if measured:
+        best = min(measured, key=measured.__getitem__)
+        row["sdpa_variant"], row["sdpa_us"] = best, measured[best]
+        row["throughput_vs_sdpa"] = row["sdpa_us"] / row["paged_us"]
+        row["bar"] = PREFILL_BAR
+    return row
+
+
+def print_decode(rows: list[dict[str, Any]], copy_tb_s: float) -> None:
+    print("paged_decode (32 q / 8 kv heads, d 128, bf16, block 16): us per call (median); graph = CUDA "
+          "graph replay,\neager = Python launches; TB/s = KV bytes read / time; ratio = scattered graph / "
+          "best SDPA graph (bar: at most)")
+    header = (f"{'shape':>10} {'splits':>6} | {'scattered':>9} {'TB/s':>5} {'%copy':>5} {'eager':>7} | "
+              f"{'contig':>7} | {'SDPA':>7} {'variant':>10} {'eager':>7} | {'ratio':>5} {'bar':>5} {'':>4} | "
+              f"{'flex':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        tb_s = r["kv_bytes"] / r["paged_scattered_graph_us"] / 1e6
+        ratio, bar = r.get("ratio_to_sdpa"), r.get("bar")
+        verdict = "" if ratio is None or bar is None else ("ok" if ratio <= bar else "MISS")
+        shape = f"B{r['batch']}/{r['context']}"
+        print(f"{shape:>10} {r['splits']:>6} | {r['paged_scattered_graph_us']:>9.1f} {tb_s:>5.2f} "
+              f"{100 * tb_s / copy_tb_s:>5.0f} {r['paged_scattered_eager_us']:>7.1f} | "
+              f"{r['paged_contiguous_graph_us']:>7.1f} | {_num(r.get('sdpa_graph_us'))} "
+              f"{r.get('sdpa_variant', 'n/a'):>10} {_num(r.get('sdpa_eager_us'))} | {_num(ratio, 5, 2)} "
+              f"{_num(bar, 5, 2)} {verdict:>4} | {_num(r.get('flex_graph_us', r.get('flex_eager_us')))}")
+        for key in ("sdpa_enable_gqa_error", "sdpa_repeat_kv_error", "flex_error", "flex_graph_error"):
+            if key in r:
+                print(f"{'':>10}   {key}: {r[key]}")
+    print()
+
+
+def print_prefill(rows: list[dict[str, Any]]) -> None:
+    print(f"paged_prefill (causal, scattered blocks) vs causal SDPA: us per call (median, graph replay); "
+          f"bar: throughput >= {PREFILL_BAR}x SDPA")
+    header = (f"{'tokens':>7} {'seqs':>4} | {'paged us':>9} {'TFLOP/s':>7} | {'SDPA us':>9} {'TFLOP/s':>7} "
+              f"{'variant':>10} | {'x SDPA':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        sdpa, speed = r.get("sdpa_us"), r.get("throughput_vs_sdpa")
+        verdict = "" if speed is None else (" ok" if speed >= PREFILL_BAR else " MISS")
+        sdpa_tflops = None if sdpa is None else r["tflop"] / sdpa * 1e6
+        paged_tflops = r["tflop"] / r["paged_us"] * 1e6
+        print(f"{r['tokens']:>7} {r['seqs']:>4} | {r['paged_us']:>9.1f} {paged_tflops:>7.0f} | "
+              f"{_num(sdpa, 9)} {_num(sdpa_tflops, 7, 0)} {r.get('sdpa_variant', 'n/a'):>10} | "
+              f"{_num(speed, 6, 2)}{verdict}")
+    print()
+
+
+def _num(value: float | None, width: int = 7, digits: int = 1) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def sweep(reps: int) -> dict[str, Any]:
+    """Tile configs x split counts for decode, tile configs for prefill; scattered tables, graph replay."""
+    from streampage.kernels import DecodeConfig, PrefillConfig
+
+    timer = Timer(reps)
+    found: dict[str, Any] = {"decode": [], "prefill": []}
+    decode_configs = [DecodeConfig(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+    print("sweep: paged_decode, us per call (graph replay, scattered tables), best three per shape")
+    for num_seqs, context in DECODE_SHAPES:
+        inputs = DecodeInputs(num_seqs, context)
+        timings = []
+        for splits in [s for s in (1, 2, 4, 8, 16, 32) if s == 1 or s * 256 <= context]:
+            for cfg in decode_configs:
+                try:
+                    us = timer.graph(inputs.paged_calls("scattered", num_splits=splits, config=cfg))
+                except Exception as exc:  # a config the compiler or the SM cannot fit is skipped
+                    print(f"  B{num_seqs}/{context} splits {splits} {cfg}: {type(exc).__name__}")
+                    continue
+                timings.append({"us": us, "splits": splits, **dataclasses.asdict(cfg)})
+        timings.sort(key=lambda t: t["us"])
+        for t in timings[:3]:
+            print(f"  B{num_seqs}/{context}: {t}")
+        found["decode"].append({"batch": num_seqs, "context": context, "results": timings})
+        del inputs
+        torch.cuda.empty_cache()
+
+    prefill_configs = [PrefillConfig(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8)
+                       for s in (2, 3, 4)]
+    print("sweep: paged_prefill, us per call (one sequence), best three per length")
+    for tokens in PREFILL_TOKENS:
+        inputs = PrefillInputs(tokens, 1)
+        timings = []
+        for cfg in prefill_configs:
+            try:
+                us = timer.graph([inputs.paged_call(config=cfg)])
+            except Exception as exc:  # out of shared memory or registers: skip the config
+                print(f"  {tokens} tokens {cfg}: {type(exc).__name__}")
+                continue
+            timings.append({"us": us, **dataclasses.asdict(cfg)})
+        timings.sort(key=lambda t: t["us"])
+        for t in timings[:3]:
+            print(f"  {tokens} tokens: {t}")
+        found["prefill"].append({"tokens": tokens, "results": timings})
+        del inputs
+        torch.cuda.empty_cache()
+    return found
