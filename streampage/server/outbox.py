@@ -2,7 +2,7 @@
 
 Producers (the reader, the per-request tasks) never wait: they append and go on. The outbox is bounded
 in bytes. While the client lags, a new delta joins its choice's previous delta if that one is still
-waiting, so a slow client gets fewer, larger frames; each sent frame takes one `seq`, assigned when the
+waiting (up to MERGE_LIMIT_BYTES), so a slow client gets fewer, larger frames; each sent frame takes one `seq`, assigned when the
 writer takes it, so seqs stay gapless per choice. Past the byte limit the outbox gives up: it drops
 everything and calls `on_overflow` (the session then cancels the client's requests and closes 1008).
 
@@ -25,6 +25,9 @@ from streampage.server.protocol import delta_frame
 _DELTA_OVERHEAD = 96
 _TOKEN_ID_BYTES = 8
 _LOGPROB_ENTRY_BYTES = 48
+# A waiting delta takes no more merges past this size, so merged frames stay far below the message
+# size limits of clients (websockets' default is 1 MiB); the next delta starts a new frame.
+MERGE_LIMIT_BYTES = 1 << 16
 
 
 class DeltaOwner(Protocol):
@@ -90,7 +93,7 @@ class Outbox:
             return
         key = (owner, index)
         pending = self._waiting.get(key)
-        if pending is None:
+        if pending is None or pending.size >= MERGE_LIMIT_BYTES:
             pending = self._waiting[key] = _PendingDelta(owner, index)
             self._queue.append(pending)
             self._bytes += _DELTA_OVERHEAD
@@ -109,7 +112,9 @@ class Outbox:
         if isinstance(item, bytes):
             self._bytes -= len(item)
             return item
-        del self._waiting[(item.owner, item.index)]
+        key = (item.owner, item.index)
+        if self._waiting.get(key) is item:
+            del self._waiting[key]
         self._bytes -= item.size
         return item.render()
 
