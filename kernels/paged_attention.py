@@ -29,10 +29,14 @@ class DecodeConfig:
     num_stages: int
 
     @staticmethod
-    def default(head_dim: int) -> DecodeConfig:
-        # 64 tokens x 128 dims: one 16 KB K tile and one V tile in flight per program, ~100 registers a
-        # thread, so about five programs fit on an SM.
-        return DecodeConfig(64, 8 if head_dim > 128 else 4, 3)
+    def default(head_dim: int, programs_per_sm: float) -> DecodeConfig:
+        """Tiles of 16 KB of K (and of V) whatever the head size. HBM bandwidth needs bytes in flight:
+        with many programs per SM one tile ahead each is plenty, and a small footprint (~40 KB of shared
+        memory, ~100 registers a thread) lets five share an SM; with few (small batches) each program
+        keeps two tiles in flight. The block-table load takes a pipeline stage of its own, so two tiles
+        ahead needs num_stages 5."""
+        block_n = max(16, min(128, 8192 // head_dim))
+        return DecodeConfig(block_n, 4, 5 if programs_per_sm <= 3 else 3)
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class DecodeWorkspace:
 # A split must cover at least this many tokens to pay for its share of the merge.
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
-# With splits, aim for this many programs per SM: enough loads in flight to saturate HBM.
+# Programs per SM that keep HBM busy (each holds one or two 32 KB K+V tiles in flight).
 TARGET_PROGRAMS_PER_SM = 2
 
 
@@ -83,16 +87,17 @@ TARGET_PROGRAMS_PER_SM = 2
 def decode_split_plan(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
     """How many splits of the KV range paged_decode launches for this batch.
 
-    1 when the (seq, kv head) programs alone fill at least 80% of the SMs (splitting would only add
-    waves and a merge); otherwise enough splits for about TARGET_PROGRAMS_PER_SM programs per SM, none
-    shorter than MIN_SPLIT_TOKENS of max_context_len. Depends only on its arguments, so a graph captured
-    with an upper bound on the context serves every step of its batch size.
+    1 when the (seq, kv head) programs alone come within 80% of TARGET_PROGRAMS_PER_SM per SM
+    (splitting would only add waves and a merge); otherwise enough splits to reach about that many,
+    none shorter than MIN_SPLIT_TOKENS of max_context_len. Depends only on its arguments, so a graph
+    captured with an upper bound on the context serves every step of its batch size.
     """
     programs = max(num_seqs * num_kv_heads, 1)
-    if 5 * programs >= 4 * num_sms:
+    target = TARGET_PROGRAMS_PER_SM * num_sms
+    if 5 * programs >= 4 * target:
         return 1
     by_length = triton.cdiv(max(max_context_len, 1), MIN_SPLIT_TOKENS)
-    return max(1, min(TARGET_PROGRAMS_PER_SM * num_sms // programs, by_length, MAX_SPLITS))
+    return max(1, min(target // programs, by_length, MAX_SPLITS))
 
 
 @functools.cache
@@ -124,7 +129,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@triton.jit
+# num_splits is fixed per batch-size bucket; not specializing it keeps one compiled variant for all.
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     qk_scale, num_splits,
@@ -186,7 +192,7 @@ def _decode_kernel(
         tl.store(part_lse_ptr + seq * stride_pl_s + heads * stride_pl_h + split, lse, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr,
     num_splits, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, stride_o_s, stride_o_h,
@@ -232,7 +238,8 @@ def paged_decode(
     if num_splits is None:
         bound = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
         num_splits = decode_split_plan(num_seqs, num_kv_heads, bound, num_sms(q.device))
-    cfg = config or DecodeConfig.default(head_dim)
+    programs = num_kv_heads * num_seqs * num_splits
+    cfg = config or DecodeConfig.default(head_dim, programs / num_sms(q.device))
     if num_splits > 1:
         if workspace is None:
             workspace = DecodeWorkspace.allocate(num_seqs, num_q_heads, head_dim, num_splits, q.device)

@@ -232,6 +232,8 @@ def test_decode_split_plan() -> None:
     assert decode_split_plan(256, 8, 1024, 132) == 1
     assert decode_split_plan(1, 8, 8192, 132) == 8192 // MIN_SPLIT_TOKENS  # bounded by split length
     assert decode_split_plan(4, 8, 8192, 132) == 8  # about two programs per SM
+    assert decode_split_plan(16, 8, 4096, 132) == 2
+    assert decode_split_plan(32, 8, 8192, 132) == 1  # 256 programs: close enough to two per SM
     assert decode_split_plan(1, 8, 100, 132) == 1  # too short to split
     assert decode_split_plan(1, 1, 10**6, 132) == MAX_SPLITS
 
