@@ -17,17 +17,9 @@ from streampage.engine.kv_cache import KVCacheManager
 from streampage.engine.request import Sequence, SequenceGroup
 from streampage.engine.scheduler import Scheduler, SchedulerOutput
 from streampage.outputs import EngineStats, RequestRejected, TokenLogprobs
+from streampage.runner.step_types import RowResult
+from streampage.runner.worker import Worker, WorkerInfo
 from streampage.sampling_params import SamplingParams
-
-
-@dataclass(slots=True)
-class RowResult:
-    """What the runner sampled for one row: `token_ids` (num_samples of them), their raw
-    log-probabilities, and the row's top log-probabilities (ids, values) when asked for."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: tuple[list[int], list[float]] | None = None
 
 
 class Executor(Protocol):
@@ -82,6 +74,17 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.cached_prompt_tokens_total = 0
         self.steps_total = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> tuple[LLMEngine, WorkerInfo]:
+        """Load the model and size the pool on this process's device (tensor parallelism: rank 0)."""
+        worker = Worker(config)
+        info = worker.load()
+        config = config.with_max_model_len(info.max_model_len)
+        engine = cls(config, worker, num_gpu_blocks=info.num_gpu_blocks, num_cpu_blocks=info.num_cpu_blocks,
+                     max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids,
+                     vocab_size=info.vocab_size)
+        return engine, info
 
     # ---- requests ----------------------------------------------------------------------------
 

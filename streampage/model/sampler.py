@@ -69,12 +69,14 @@ class SamplingMetadata:
         banned_token_ids: Sequence[Sequence[int]] = (),
         generators: dict[int, torch.Generator] | None = None,
         num_samples: Sequence[int] | None = None,
+        num_logprobs: Sequence[int] | None = None,
     ) -> SamplingMetadata:
         """One row per entry of `params`, in O(rows) with one host-to-device copy.
 
         Token lists are needed only for rows that use penalties (prompt and output) or bans; empty
         sequences stand for "no row needs them". Beam-search rows become greedy rows that ask for
-        2 * beam_width top log-probabilities: the engine ranks beams from those.
+        2 * beam_width top log-probabilities (or `num_logprobs[r]` when given): the engine ranks
+        beams from those.
         """
         num_rows = len(params)
         table = np.array(
@@ -95,7 +97,9 @@ class SamplingMetadata:
         penalised = (table[:, _PRESENCE] != 0) | (table[:, _FREQUENCY] != 0) | (table[:, _REPETITION] != 1)
         penalty_rows = np.flatnonzero(penalised).tolist()
         _check_lengths(num_rows, penalty_rows, prompt_token_ids, output_token_ids, banned_token_ids)
-        num_logprobs = np.maximum(table[:, _LOGPROBS], np.where(beam, 2 * table[:, _BEAM_WIDTH], 0))
+        if num_logprobs is None:
+            num_logprobs = np.maximum(table[:, _LOGPROBS], np.where(beam, 2 * table[:, _BEAM_WIDTH], 0))
+        num_logprobs = np.asarray(num_logprobs, dtype=np.int64)
         columns = torch.from_numpy(np.ascontiguousarray(table[:, :_NUM_COLUMNS])).to(device).unbind(dim=1)
         return cls(
             temperature=columns[_TEMPERATURE],

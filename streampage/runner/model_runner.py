@@ -1,0 +1,166 @@
+"""One step on the device: build the step's tensors, run the model over the paged KV pool, sample.
+
+Per row the scheduler says which sequence runs and how many of its tokens (starting at its
+`num_computed_tokens`). The runner flattens all rows into one token batch: input ids, positions,
+`slot_mapping` (where each token's K/V goes), block tables, context lengths and query start offsets;
+rows that reach the end of their tokens are sampled. Decode-only batches may replay a CUDA graph
+(`streampage.runner.cuda_graphs`); everything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from streampage.model.forward_context import AttentionMetadata, forward_context
+from streampage.model.llama import LlamaForCausalLM
+from streampage.model.sampler import SamplingMetadata, sample
+from streampage.runner.cache_engine import CacheEngine
+from streampage.runner.step_types import RowResult
+
+if TYPE_CHECKING:  # the runner reads the scheduler's rows; it never calls into the engine
+    from streampage.engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepInputs:
+    """Host-side arrays of one step (int64/int32 numpy), ready to copy to the device."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T]
+    block_tables: np.ndarray  # [B, max_blocks] int32
+    context_lens: np.ndarray  # [B] int32
+    query_start_loc: np.ndarray  # [B + 1] int32
+    sample_rows: list[int]  # rows whose last token is sampled
+    max_query_len: int
+    is_decode: bool
+
+
+def prepare_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
+    """Flatten the scheduled rows into one token batch (O(tokens) with numpy, no per-token objects)."""
+    num_rows = len(out.seqs)
+    counts = np.fromiter(out.num_new_tokens, dtype=np.int64, count=num_rows)
+    starts = np.fromiter((s.num_computed_tokens for s in out.seqs), dtype=np.int64, count=num_rows)
+    ends = starts + counts
+    query_start_loc = np.zeros(num_rows + 1, dtype=np.int32)
+    np.cumsum(counts, out=query_start_loc[1:])
+    is_decode = out.is_decode_only
+    if is_decode:
+        input_ids = np.fromiter((s.token_ids[-1] for s in out.seqs), dtype=np.int64, count=num_rows)
+        positions = starts
+    else:
+        input_ids = np.fromiter(
+            (t for s, a, b in zip(out.seqs, starts.tolist(), ends.tolist(), strict=True) for t in s.token_ids[a:b]),
+            dtype=np.int64, count=int(query_start_loc[-1]))
+        positions = np.arange(int(query_start_loc[-1]), dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts,
+                                                                                    counts)
+    max_blocks = max(len(t) for t in out.block_tables)
+    block_tables = np.zeros((num_rows, max_blocks), dtype=np.int32)
+    for row, table in enumerate(out.block_tables):
+        block_tables[row, : len(table)] = table
+    row_of_token = np.repeat(np.arange(num_rows), counts)
+    slot_mapping = (block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size
+                    + positions % block_size)
+    sample_rows = [row for row, (s, end) in enumerate(zip(out.seqs, ends.tolist(), strict=True))
+                   if end == len(s.token_ids)]
+    return StepInputs(input_ids, positions, slot_mapping, block_tables, ends.astype(np.int32), query_start_loc,
+                      sample_rows, int(counts.max()), is_decode)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cache: CacheEngine, block_size: int, eos_token_ids: list[int],
+                 device: torch.device) -> None:
+        self.model = model
+        self.cache = cache
+        self.block_size = block_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.device = device
+        self.generators: dict[str, torch.Generator] = {}  # seeded requests' random streams
+        model.bind_kv_cache(cache.gpu_pool)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
+        for request_id in out.finished_request_ids:
+            self.generators.pop(request_id, None)
+        self.cache.swap_out(out.blocks_to_swap_out)
+        self.cache.swap_in(out.blocks_to_swap_in)
+        self.cache.copy(out.blocks_to_copy)
+        if not out.seqs:
+            return []
+        inputs = prepare_inputs(out, self.block_size)
+        logits = self.forward(inputs)
+        return self.sample(out, inputs.sample_rows, logits)
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits of the sampled rows' last tokens, [len(sample_rows), vocab] float32."""
+        device = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=_to(inputs.slot_mapping, device),
+            block_tables=_to(inputs.block_tables, device),
+            context_lens=_to(inputs.context_lens, device),
+            query_start_loc=_to(inputs.query_start_loc, device),
+            max_query_len=inputs.max_query_len,
+            is_decode=inputs.is_decode,
+        )
+        with forward_context(metadata):
+            hidden = self.model(_to(inputs.input_ids, device), _to(inputs.positions, device))
+        if not inputs.sample_rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        last_tokens = inputs.query_start_loc[1:][inputs.sample_rows].astype(np.int64) - 1
+        return self.model.compute_logits(hidden[_to(last_tokens, device)])
+
+    def sample(self, out: SchedulerOutput, sample_rows: list[int], logits: torch.Tensor) -> list[RowResult | None]:
+        results: list[RowResult | None] = [None] * len(out.seqs)
+        if not sample_rows:
+            return results
+        metadata = self._sampling_metadata(out, sample_rows)
+        sampled = sample(logits, metadata)
+        for i, row in enumerate(sample_rows):
+            top = sampled.top_logprobs[i]
+            results[row] = RowResult(sampled.token_ids[i], sampled.logprobs[i],
+                                     None if top is None else (top.token_ids, top.logprobs))
+        return results
+
+    def _sampling_metadata(self, out: SchedulerOutput, sample_rows: list[int]) -> SamplingMetadata:
+        groups = [out.groups[r] for r in sample_rows]
+        seqs = [out.seqs[r] for r in sample_rows]
+        params = [g.params for g in groups]
+        penalised = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
+        banned = [self._banned(g.params, s) for g, s in zip(groups, seqs, strict=True)]
+        generators = {}
+        for i, group in enumerate(groups):
+            if group.params.seed is not None:
+                generators[i] = self._generator(group.request_id, group.params.seed)
+        return SamplingMetadata.build(
+            params, device=self.device,
+            prompt_token_ids=[g.prompt_token_ids for g in groups] if penalised else (),
+            output_token_ids=[s.output_token_ids for s in seqs] if penalised else (),
+            banned_token_ids=banned if any(banned) else (),
+            generators=generators,
+            num_samples=[g.num_samples() for g in groups],
+            num_logprobs=[g.num_logprobs(len(self.eos_token_ids)) for g in groups],
+        )
+
+    def _banned(self, params, seq) -> list[int]:
+        """EOS and stop tokens are banned until min_tokens outputs exist."""
+        if seq.num_output_tokens >= params.min_tokens:
+            return []
+        return [*([] if params.ignore_eos else self.eos_token_ids), *params.stop_token_ids]
+
+    def _generator(self, request_id: str, seed: int) -> torch.Generator:
+        generator = self.generators.get(request_id)
+        if generator is None:
+            generator = self.generators[request_id] = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+        return generator
+
+
+def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
