@@ -8,9 +8,9 @@ on CUDA hosts so swaps run as async copies. Every operation covers all layers in
 from __future__ import annotations
 
 import torch
-from streampage.kernels import reference
 
 from streampage import kernels
+from streampage.kernels import reference
 from streampage.model.loader import ModelShape
 
 BlockPairs = list[tuple[int, int]]
