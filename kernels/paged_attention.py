@@ -31,12 +31,11 @@ class DecodeConfig:
     @staticmethod
     def default(head_dim: int, programs_per_sm: float) -> DecodeConfig:
         """Tiles of 16 KB of K (and of V) whatever the head size. HBM bandwidth needs bytes in flight:
-        with many programs per SM one tile ahead each is plenty, and a small footprint (~40 KB of shared
-        memory, ~100 registers a thread) lets five share an SM; with few (small batches) each program
-        keeps two tiles in flight. The block-table load takes a pipeline stage of its own, so two tiles
-        ahead needs num_stages 5."""
+        with many programs per SM, one tile each (num_stages 2: ~40 KB of shared memory and ~100
+        registers a thread, so five programs share an SM) is plenty; with few (small batches) each
+        program double-buffers, keeping the next tile in flight while it computes (~72 KB)."""
         block_n = max(16, min(128, 8192 // head_dim))
-        return DecodeConfig(block_n, 4, 5 if programs_per_sm <= 3 else 3)
+        return DecodeConfig(block_n, 4, 3 if programs_per_sm <= 3 else 2)
 
 
 @dataclass(frozen=True)
@@ -129,6 +128,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@triton.jit
+def _tile_pages(block_table, tokens, hi, BLOCK_SIZE: tl.constexpr):
+    """The physical block of each token below hi (0 elsewhere), in int64 for offset arithmetic."""
+    return tl.load(block_table + tokens // BLOCK_SIZE, mask=tokens < hi, other=0).to(tl.int64)
+
+
 # num_splits is fixed per batch-size bucket; not specializing it keeps one compiled variant for all.
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
@@ -162,10 +167,13 @@ def _decode_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    # The block table is read one tile ahead, so the next tile's K/V addresses are known while this
+    # one computes and the pipeliner keeps K/V loads num_stages - 1 tiles ahead.
+    pages = _tile_pages(block_table, start + tl.arange(0, BLOCK_N), end, BLOCK_SIZE)
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
         valid = tokens < end  # the first token of a tile is always valid: m stays finite
-        pages = tl.load(block_table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        next_pages = _tile_pages(block_table, tokens + BLOCK_N, end, BLOCK_SIZE)
         in_page = tokens % BLOCK_SIZE
         k_rows = pages * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h
         k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
@@ -179,6 +187,7 @@ def _decode_kernel(
         v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
+        pages = next_pages
 
     safe_sum = tl.where(row_sum > 0.0, row_sum, 1.0)  # row_sum is 0 only for an empty split: output 0
     result = acc / safe_sum[:, None]
@@ -286,17 +295,15 @@ def _prefill_tiles(
     visible to every row (and hi - lo is a whole number of tiles); with it, key j is visible to a row
     iff j <= q_pos."""
     dims = tl.arange(0, HEAD_DIM)
+    pages = _tile_pages(block_table, lo + tl.arange(0, BLOCK_N), hi, BLOCK_SIZE)  # one tile ahead
     for tile_start in range(lo, hi, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
-        if CAUSAL:
-            valid = tokens < hi
-            pages = tl.load(block_table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        else:
-            pages = tl.load(block_table + tokens // BLOCK_SIZE).to(tl.int64)
+        next_pages = _tile_pages(block_table, tokens + BLOCK_N, hi, BLOCK_SIZE)
         in_page = tokens % BLOCK_SIZE
         k_rows = pages * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h
         v_rows = pages * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h
         if CAUSAL:
+            valid = tokens < hi
             k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         else:
             k = tl.load(k_ptr + k_rows[:, None] + dims[None, :])
@@ -313,6 +320,7 @@ def _prefill_tiles(
             v = tl.load(v_ptr + v_rows[:, None] + dims[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
+        pages = next_pages
     return m, row_sum, acc
 
 

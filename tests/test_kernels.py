@@ -16,6 +16,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from streampage import kernels
 from streampage.kernels import reference
 from streampage.kernels.paged_attention import (
     MAX_SPLITS,
@@ -25,8 +27,6 @@ from streampage.kernels.paged_attention import (
     PrefillConfig,
     decode_split_plan,
 )
-
-from streampage import kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

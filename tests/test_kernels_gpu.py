@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from streampage.kernels import reference
-from streampage.kernels.paged_attention import DecodeWorkspace, decode_split_plan, num_sms
 from test_kernels import TOLERANCE, assert_matches, build_batch, run_decode, run_prefill
 
 from streampage import kernels
+from streampage.kernels import reference
+from streampage.kernels.paged_attention import DecodeWorkspace, decode_split_plan, num_sms
 
 pytestmark = [
     pytest.mark.gpu,

@@ -382,7 +382,7 @@ def sweep(reps: int) -> dict[str, Any]:
 
     timer = Timer(reps)
     found: dict[str, Any] = {"decode": [], "prefill": []}
-    decode_configs = [DecodeConfig(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (3, 5)]
+    decode_configs = [DecodeConfig(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
     print("sweep: paged_decode, us per call (graph replay, scattered tables), best three per shape")
     for num_seqs, context in DECODE_SHAPES:
         inputs = DecodeInputs(num_seqs, context)
