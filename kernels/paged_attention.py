@@ -1,10 +1,10 @@
 """Triton paged attention: `paged_decode` (split-KV + log-sum-exp merge) and `paged_prefill`.
 
 Semantics are those of `streampage.kernels.reference` (shapes in its docstring). Both kernels gather KV
-tiles of BLOCK_N tokens through the block table (one table entry per token, loaded once per tile and
-shared by K and V), keep the softmax online in fp32 and in base 2 (scores are pre-multiplied by
-log2(e)), and compute pool offsets in int64. Query heads that share a KV head are packed into the rows
-of one tile (GQA), so each KV tile is loaded once for the whole group.
+tiles of BLOCK_N tokens through the block table (one table entry per token, read one tile ahead and
+shared by K and V), keep the softmax online in fp32 and in base 2 (scores are scaled by
+scale * log2(e)), and compute pool offsets in int64. Query heads that share a KV head are packed into
+the rows of one tile (GQA), so each KV tile is loaded once for the whole group.
 
 CUDA graphs: every launch depends only on tensor shapes and on values fixed at capture (split count,
 tile config). Per-step values (context lengths, block tables, query offsets) are read on the device.
