@@ -16,6 +16,7 @@ _EXPORTS = {
     "paged_decode": "paged_attention",
     "paged_prefill": "paged_attention",
     "decode_split_plan": "paged_attention",
+    "num_sms": "paged_attention",
     "DecodeWorkspace": "paged_attention",
     "DecodeConfig": "paged_attention",
     "PrefillConfig": "paged_attention",
