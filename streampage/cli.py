@@ -1,4 +1,4 @@
-"""`streampage serve | generate | chat | bench | demo-model | loadtest`.
+"""`streampage serve | generate | bench | demo-model | loadtest`.
 
 Every `--some-option` can also come from the environment as `STREAMPAGE_SOME_OPTION` (the systemd
 environment file uses this); a flag on the command line wins over the environment.
@@ -34,11 +34,16 @@ BENCHES = {
 }
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, *, model_positional: bool = False) -> None:
-    """One flag per EngineConfig option, named like the option (`--max-num-seqs`)."""
+def add_engine_arguments(
+    parser: argparse.ArgumentParser, *, model_positional: bool = False, skip: tuple[str, ...] = ()
+) -> None:
+    """One flag per EngineConfig option, named like the option (`--max-num-seqs`); `skip` leaves some
+    options to the command."""
     group = parser.add_argument_group("engine")
     for concern in fields(EngineConfig):
         for option in fields(concern.default_factory):  # type: ignore[misc]
+            if option.name in skip:
+                continue
             if option.name == "model" and model_positional:
                 parser.add_argument("model", nargs="?", default=None,
                                     help="checkpoint directory (default: the built-in demo model)")
@@ -53,10 +58,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, model_positional: b
                 group.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
 
 
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+def engine_options(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The engine options given on the command line or in the environment (others keep defaults)."""
     names = [o.name for c in fields(EngineConfig) for o in fields(c.default_factory)]  # type: ignore[misc]
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in names
+            if name not in skip and getattr(args, name, None) is not None}
 
 
 def _option_type(annotation: Any) -> type:
@@ -97,24 +103,30 @@ def apply_environment_defaults(parser: argparse.ArgumentParser, environ: dict[st
         action.default = value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Every command is listed; only the chosen one's module is imported (they pull in torch)."""
     parser = argparse.ArgumentParser(prog="streampage", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    chosen = [a for a in argv if not a.startswith("-")][:2]
     for name, (module, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text)
-        sub.set_defaults(module=module)
-        importlib.import_module(module).add_arguments(sub)
+        _add_command(commands, name, module, help_text, chosen[:1] == [name])
     bench = commands.add_parser("bench", help="benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)
     for name, (module, help_text) in BENCHES.items():
-        sub = benches.add_parser(name, help=help_text)
-        sub.set_defaults(module=module)
-        importlib.import_module(module).add_arguments(sub)
+        _add_command(benches, name, module, help_text, chosen == ["bench", name])
     return parser
 
 
+def _add_command(commands: Any, name: str, module: str, help_text: str, chosen: bool) -> None:
+    sub = commands.add_parser(name, help=help_text)
+    sub.set_defaults(module=module)
+    if chosen:
+        importlib.import_module(module).add_arguments(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     apply_environment_defaults(parser, dict(os.environ))
     args = parser.parse_args(argv)
     result = importlib.import_module(args.module).run(args)

@@ -14,9 +14,10 @@ from typing import Protocol
 from streampage.config import ConfigError, EngineConfig
 from streampage.engine import beam_search
 from streampage.engine.kv_cache import KVCacheManager
+from streampage.engine.limits import RequestLimits
 from streampage.engine.request import Sequence, SequenceGroup
 from streampage.engine.scheduler import Scheduler, SchedulerOutput
-from streampage.outputs import EngineStats, RequestRejected, TokenLogprobs
+from streampage.outputs import EngineStats, TokenLogprobs
 from streampage.runner.step_types import RowResult
 from streampage.runner.worker import Worker, WorkerInfo
 from streampage.sampling_params import SamplingParams
@@ -68,6 +69,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_gpu_blocks, num_cpu_blocks, cache.block_size,
                                  cache.enable_prefix_caching, cache.watermark)
         self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.limits = RequestLimits(max_model_len, vocab_size, num_gpu_blocks, cache.block_size,
+                                    sched.max_num_batched_tokens, sched.enable_chunked_prefill)
         self._pending: list[RequestDelta] = []  # endings decided between steps (aborts)
         self._finished_ids: list[str] = []  # for the runner to drop per-request state
         self.prompt_tokens_total = 0
@@ -102,39 +105,8 @@ class LLMEngine:
         self.scheduler.add(group)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Refuse what can never run, naming the limit."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise RequestRejected("invalid_param", "the prompt is empty", "prompt")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestRejected("invalid_param", f"prompt token id {bad} is outside the vocabulary "
-                                  f"[0, {self.vocab_size})", "prompt_token_ids")
-        if num_prompt >= self.max_model_len:
-            raise RequestRejected("prompt_too_long", f"the prompt has {num_prompt} tokens; max_model_len is "
-                                  f"{self.max_model_len} (prompt and output together)", "prompt")
-        if num_prompt + params.max_tokens > self.max_model_len:
-            raise RequestRejected("invalid_param", f"max_tokens={params.max_tokens} with a {num_prompt}-token "
-                                  f"prompt exceeds max_model_len {self.max_model_len}; at most "
-                                  f"{self.max_model_len - num_prompt}", "max_tokens")
-        sched = self.config.scheduler
-        if not sched.enable_chunked_prefill and num_prompt > sched.max_num_batched_tokens:
-            raise RequestRejected("prompt_too_long", f"the prompt has {num_prompt} tokens; without chunked "
-                                  f"prefill at most max_num_batched_tokens={sched.max_num_batched_tokens}", "prompt")
-        self._check_fits_pool(num_prompt, params)
-
-    def _check_fits_pool(self, num_prompt: int, params: SamplingParams) -> None:
-        """A request must fit the whole pool alone, or it could preempt itself forever."""
-        kv = self.kv
-        width = max(params.n, params.beam_width)
-        total = kv.num_total_blocks
-        if kv.blocks_for(num_prompt + 1) > total:
-            raise RequestRejected("prompt_too_long", f"the prompt needs {kv.blocks_for(num_prompt + 1)} KV blocks; "
-                                  f"the pool has {total}", "prompt")
-        need = kv.blocks_for(num_prompt + params.max_tokens) + (width - 1) * (kv.blocks_for(params.max_tokens) + 1)
-        if need > total:
-            raise RequestRejected("invalid_param", f"max_tokens={params.max_tokens} (x{width} sequences) needs "
-                                  f"{need} KV blocks with this prompt; the pool has {total}", "max_tokens")
+        """Refuse what can never run, naming the limit (RequestRejected)."""
+        self.limits.check(prompt_token_ids, params)
 
     def abort_request(self, request_id: str) -> bool:
         """End a request now and free its blocks; its final delta comes with the next step."""
