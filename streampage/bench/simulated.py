@@ -4,8 +4,8 @@ the slots it is about to write."""
 
 from __future__ import annotations
 
-from streampage.engine.llm_engine import RowResult
 from streampage.engine.scheduler import SchedulerOutput
+from streampage.runner.step_types import RowResult
 
 
 class SimulatedExecutor:
