@@ -1,0 +1,77 @@
+"""`streampage bench throughput`: offline output tokens/s on a fixed-length or the nano-vllm workload."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from streampage.bench.workloads import (
+    NANO_VLLM_OUTPUT_TOKENS,
+    Workload,
+    fixed_workload,
+    nano_vllm_workload,
+    resolve_model,
+)
+from streampage.cli import add_engine_arguments, engine_options
+from streampage.sampling_params import SamplingParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="qwen3-0.6b", help="checkpoint directory or a shape name")
+    parser.add_argument("--workload", choices=["nano-vllm", "fixed"], default="nano-vllm")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--compare", choices=["hf"], help="also run HF transformers on the same checkpoint")
+    parser.add_argument("--output", help="write the results as JSON")
+    add_engine_arguments(parser, skip=("model",))
+
+
+def make_workload(args: argparse.Namespace) -> Workload:
+    if args.workload == "nano-vllm":
+        workload = nano_vllm_workload(args.num_prompts)
+        if args.num_prompts == 256:
+            assert workload.num_output_tokens == NANO_VLLM_OUTPUT_TOKENS, "the nano-vllm workload drifted"
+        return workload
+    return fixed_workload(args.num_prompts, args.input_len, args.output_len)
+
+
+def run_streampage(model: str, workload: Workload, temperature: float, options: dict) -> dict:
+    from streampage.llm import LLM
+
+    llm = LLM(model, **options)
+    warm = [SamplingParams(max_tokens=8, ignore_eos=True)] * 4
+    llm.generate(workload.prompts[:4], warm, use_tqdm=False)
+    params = [SamplingParams(max_tokens=n, temperature=temperature, ignore_eos=True) for n in workload.output_lens]
+    start = time.perf_counter()
+    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert produced == workload.num_output_tokens, f"produced {produced} of {workload.num_output_tokens} tokens"
+    stats = llm.engine.stats()
+    return {"system": "streampage", "seconds": elapsed, "output_tokens": produced,
+            "output_tok_s": produced / elapsed, "requests_s": len(outputs) / elapsed,
+            "steps": stats.steps_total, "preemptions": stats.num_preemptions_total,
+            "kv_blocks": stats.kv_blocks_total}
+
+
+def run(args: argparse.Namespace) -> int:
+    model = resolve_model(args.model)
+    workload = make_workload(args)
+    results = [run_streampage(model, workload, args.temperature, engine_options(args, skip=("model",)))]
+    if args.compare == "hf":
+        from streampage.bench.hf_baselines import hf_continuous_batching
+
+        results.append(hf_continuous_batching(model, workload, args.temperature))
+    print(f"\nworkload {workload.name}: {len(workload.prompts)} prompts, {workload.num_output_tokens} output tokens")
+    print(f"{'system':<28}{'seconds':>10}{'output tok/s':>15}{'req/s':>9}")
+    for r in results:
+        print(f"{r['system']:<28}{r['seconds']:>10.2f}{r['output_tok_s']:>15.0f}{r['requests_s']:>9.2f}")
+    if len(results) > 1:
+        print(f"streampage / {results[1]['system']}: {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"model": args.model, "workload": workload.name, "results": results}, f, indent=2)
+    return 0

@@ -1,0 +1,51 @@
+"""Offline benchmark workloads and the checkpoints they run on.
+
+`nano_vllm_workload` reproduces the workload nano-vllm and mini-sglang publish: 256 prompts with
+lengths uniform in [100, 1024] of token ids `randint(0, 10000)`, then output lengths uniform in
+[100, 1024] drawn after all prompts, from Python's `random.seed(0)`; 133,966 output tokens in all.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from streampage.model.demo import SHAPES, write_demo_model
+
+NANO_VLLM_OUTPUT_TOKENS = 133_966
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def nano_vllm_workload(num_seqs: int = 256, max_input_len: int = 1024, max_output_len: int = 1024) -> Workload:
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, max_input_len))] for _ in range(num_seqs)]
+    outputs = [rng.randint(100, max_output_len) for _ in range(num_seqs)]
+    return Workload("nano-vllm", prompts, outputs)
+
+
+def fixed_workload(num_seqs: int, input_len: int, output_len: int, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, 10000) for _ in range(input_len)] for _ in range(num_seqs)]
+    return Workload(f"fixed {input_len}/{output_len}", prompts, [output_len] * num_seqs)
+
+
+def resolve_model(model: str) -> str:
+    """A checkpoint directory, or a shape name (`qwen3-0.6b`, ...) written with random weights."""
+    if model in SHAPES:
+        path = Path(tempfile.gettempdir()) / f"streampage-shape-{model}"
+        if not (path / "config.json").exists():
+            write_demo_model(path, model)
+        return str(path)
+    return model
