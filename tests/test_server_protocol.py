@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 from fake_engine import VOCAB_SIZE, FakeEngine, token_id, token_text
 from server_harness import check_exactly_once, running_server, streamed_text
@@ -239,3 +240,17 @@ async def test_an_unexpected_failure_is_an_internal_error_and_harms_nobody_else(
         frames = await client.finished("boom")
         assert [f["error"]["code"] for f in frames] == ["internal_error"]
         assert check_exactly_once(await client.finished("fine"))["status"] == "completed"
+
+
+async def test_a_request_cancelled_as_soon_as_sent_ends_without_waiting_for_blocks() -> None:
+    engine = FakeEngine(num_blocks=4, block_size=16, token_delay=0.02)
+    async with running_server(engine) as server:
+        client = await server.connect()
+        await client.create("hog", max_tokens=58)  # holds the whole pool for about a second
+        await client.wait_for(lambda: len(client.by_request["hog"]) >= 2)
+        await client.ws.send(orjson.dumps({"type": "response.create", "request_id": "w", "prompt": "x",
+                                           "max_tokens": 8}).decode())
+        await client.send(type="response.cancel", request_id="w")
+        assert check_exactly_once(await client.finished("w", timeout=0.5))["status"] == "cancelled"
+        assert client.by_request["hog"][-1]["type"] != "response.done", "the hog still runs"
+        assert check_exactly_once(await client.finished("hog"))["status"] == "completed"

@@ -54,7 +54,7 @@ async def run_server(config: ServerConfig, *, engine: EngineClient | None = None
             try:
                 return await _serve(server, engine, notifier)
             finally:
-                await engine.shutdown()
+                await _shutdown(engine)
         return await _serve(server, engine, notifier)
     finally:
         if handle_signals:
@@ -109,6 +109,13 @@ async def _serve(server: StreamServer, engine: EngineClient, notifier: Notifier)
         for task in (death, stop, watchdog):
             if task is not None:
                 task.cancel()
+
+
+async def _shutdown(engine: EngineClient) -> None:
+    try:
+        await engine.shutdown()
+    except Exception:  # the exit code already says how serving ended
+        logger.exception("engine shutdown failed")
 
 
 def _start_watchdog(notifier: Notifier, ctx: ServingContext) -> asyncio.Task[None] | None:

@@ -1,10 +1,11 @@
 """One connection's outgoing frames, waiting for its writer.
 
-Producers (the reader, the per-request tasks) never wait: they append and go on. The outbox is bounded
-in bytes. While the client lags, a new delta joins its choice's previous delta if that one is still
-waiting (up to MERGE_LIMIT_BYTES), so a slow client gets fewer, larger frames; each sent frame takes one `seq`, assigned when the
-writer takes it, so seqs stay gapless per choice. Past the byte limit the outbox gives up: it drops
-everything and calls `on_overflow` (the session then cancels the client's requests and closes 1008).
+Producers (the reader, the per-request tasks) never wait: they append and go on. The outbox is
+bounded in bytes. While the client lags, a new delta joins its choice's previous delta if that one is
+still waiting (up to MERGE_LIMIT_BYTES), so a slow client gets fewer, larger frames. Each sent frame
+takes one `seq`, assigned when the writer takes it, so seqs stay gapless per choice. Past the byte
+limit the outbox gives up: it drops everything and calls `on_overflow` (the session then cancels the
+client's requests and closes the socket with 1008).
 
 Ordering invariant: a request queues only deltas between its `response.created` and its
 `response.done`, so moving a delta's text into an earlier waiting delta of the same choice never

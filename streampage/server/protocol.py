@@ -2,7 +2,22 @@
 
 Every client message either parses into one of the dataclasses below or raises `ProtocolError`
 carrying the error code the client will see. Server frames are UTF-8 JSON bytes (orjson), sent as
-text frames. DESIGN.md section 7 is the specification.
+text frames. DESIGN.md section 7 is the specification; where it is silent this server decides:
+
+- `null` for a prompt field counts as absent; binary frames are `invalid_message`.
+- A message over --max-message-bytes is `invalid_message` (naming its request when it has one); one
+  over twice that closes the socket with 1009 before it is read.
+- `max_tokens` above --max-output-tokens and `timeout_s` above --max-request-timeout are
+  `invalid_param`; a request without `timeout_s` gets --max-request-timeout.
+- Ending early: cancel -> status "cancelled", finish_reason "abort"; timeout_s -> "incomplete",
+  "timeout"; the drain deadline on SIGTERM -> "incomplete", "abort"; an engine failure -> "failed",
+  "error". Choices that already finished keep their "stop" or "length"; if all did, "completed".
+- Cancelling a request that ended moments ago (the last 1024 ids of the connection) does nothing, so
+  a cancel racing a request's end is not an error.
+- `logprobs` in a delta: one entry per token, {"token_id", "logprob", "top_logprobs": [{"token_id",
+  "logprob"}, ...]} with at most N alternatives, best first.
+- `timing` is measured from the server's receipt of response.create; `ttft_ms` is null when no token
+  was produced.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ class RequestStream:
         self.next_seq = [0] * n  # the outbox assigns seqs as frames leave
         self.finish_reasons: list[str | None] = [None] * n
         self.end_reason: str | None = None  # why the server ends it early; the first reason wins
-        self.accepted = False
+        self.submitted = False  # engine.generate was called
+        self.accepted = False  # the engine yielded its first output
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -64,7 +65,7 @@ class RequestStream:
         self.first_token: float | None = None
         self._last_token = [0.0] * n
         self._ticket: QueueTicket | None = None
-        self._abort_task: asyncio.Task[None] | None = None
+        self._abort_tasks: set[asyncio.Task[None]] = set()
         self._forced = False
         self._timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
@@ -80,13 +81,19 @@ class RequestStream:
         self.task = asyncio.create_task(self.run(), name=f"request {self.engine_request_id}")
 
     def request_abort(self, reason: str) -> None:
-        """End early for `reason`; the engine is told once it has accepted the request."""
-        if self.end_reason is None:
+        """End early for `reason` (the first reason wins); tell the engine if it has the request."""
+        first = self.end_reason is None
+        if first:
             self.end_reason = reason
-        if self.accepted and self._abort_task is None:
-            self._abort_task = asyncio.create_task(self._abort_in_engine())
+        if first and self.submitted:
+            self._abort_in_engine()
 
-    async def _abort_in_engine(self) -> None:
+    def _abort_in_engine(self) -> None:
+        task = asyncio.create_task(self._abort())
+        self._abort_tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._abort_tasks.discard)
+
+    async def _abort(self) -> None:
         try:
             await self.engine.abort(self.engine_request_id)
         except EngineDeadError:
@@ -119,7 +126,9 @@ class RequestStream:
         try:
             self._on_output(first)
             if self.end_reason is not None:
-                self.request_abort(self.end_reason)  # asked to end before the engine accepted it
+                # Asked to end while the engine was accepting it: an abort sent then may have come
+                # before the engine knew the request, so send one now that it surely does.
+                self._abort_in_engine()
             await self._stream(outputs)
         except asyncio.CancelledError:
             if not self._forced:
@@ -143,6 +152,11 @@ class RequestStream:
             raise ProtocolError(ErrorCode.SERVER_OVERLOADED, str(exc),
                                 retry_after_ms=exc.retry_after_ms) from None
         outputs = self.engine.generate(prompt_ids, self.request.params, self.engine_request_id)
+        self.submitted = True
+        if self.end_reason is not None:
+            # Ended before it reached the engine: this abort task runs once the anext below has
+            # started the engine's stream, and so reaches an engine that knows the request.
+            self._abort_in_engine()
         try:
             first = await anext(outputs)
         except RequestRejected as exc:
@@ -236,14 +250,15 @@ class RequestStream:
         if all(reason in NATURAL_ENDS for reason in engine_reasons):
             return "completed", [str(r) for r in engine_reasons]
         # Ended early: choices that finished on their own keep their reason.
+        # An end the server did not ask for (the engine aborted on its own) is incomplete.
         status, early = ENDINGS.get(self.end_reason or "", ("incomplete", "abort"))
-        if self.end_reason is None:
-            early = "abort"  # the engine ended it without being asked
         return status, [r if r in NATURAL_ENDS else early for r in engine_reasons]
 
     async def _close_stream(self, outputs: AsyncIterator[RequestOutput]) -> None:
         if not all(reason is not None for reason in self.finish_reasons):
-            self.request_abort(self.end_reason or "error")
+            # The stream broke off (an error, or a forced end): make sure the engine lets it go.
+            self.end_reason = self.end_reason or "error"
+            self._abort_in_engine()
         aclose = getattr(outputs, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):
