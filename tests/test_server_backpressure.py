@@ -21,12 +21,19 @@ TEXT_REPEAT = 1000
 
 
 async def stalled_client(server: Harness) -> ClientConnection:
-    """A websockets client with a tiny receive buffer that reads nothing until the test calls recv()."""
+    """A websockets client that reads nothing until the test calls recv(). Both ends of its TCP
+    connection get small kernel buffers, so the lag reaches the server's outbox within kilobytes
+    whatever the host's TCP autotuning allows."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
-    return await connect(server.url, sock=sock, subprotocols=["streampage.v1"], max_queue=1)
+    ws = await connect(server.url, sock=sock, subprotocols=["streampage.v1"], max_queue=1)
+    local_port = sock.getsockname()[1]
+    while not (sessions := [s for s in server.server.sessions if s.ws.remote_address[1] == local_port]):
+        await asyncio.sleep(0.01)  # the server registers the session just after the handshake
+    sessions[0].ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    return ws
 
 
 async def read_until_closed(ws: ClientConnection) -> list[dict]:
