@@ -14,7 +14,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (tests)
-    api_key: str | None = None  # None: no authentication
+    api_key: str | None = field(default=None, repr=False)  # None: no authentication; never printed
     # Browser origins allowed to open a socket besides the page's own; "*" allows any origin.
     allowed_origins: tuple[str, ...] = ()
     max_message_bytes: int = 1 << 20  # one client message (a frame)

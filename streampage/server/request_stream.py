@@ -168,6 +168,8 @@ class RequestStream:
         return outputs, first
 
     def _encode(self) -> list[int]:
+        # Tokenizing runs on the event loop (the engine's tokenizer promises no thread safety); its
+        # cost is bounded by --max-message-bytes.
         request = self.request
         try:
             prompt_ids = self.engine.encode_prompt(prompt=request.prompt, messages=request.messages,

@@ -26,6 +26,8 @@ _DRAIN_POLL_SECONDS = 0.05
 
 
 class StreamServer:
+    """One listening socket: WebSocket sessions at /v1/stream, plain HTTP everywhere else."""
+
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         admission = Admission(config.max_queued_requests, config.max_queued_prompt_tokens)
