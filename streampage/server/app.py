@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
     for name in flag_fields():
         default = getattr(defaults, name)
-        help_text = _FLAG_HELP[name] + ("" if name == "api_key" else f" (default: {default})")
+        shown = default not in (None, ()) and name != "api_key"
+        help_text = _FLAG_HELP[name] + (f" (default: {default})" if shown else "")
         flag = "--" + name.replace("_", "-")
         if name == "allowed_origins":
             group.add_argument(flag, nargs="*", default=None, help=help_text)
