@@ -77,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 2
     configure_logging(config.log_level)
-    return _run_loop(run_server(config, start_engine=real_engine_starter(model, options)))
+    try:
+        return _run_loop(run_server(config, start_engine=real_engine_starter(model, options)))
+    except OSError as exc:  # the address is taken or not ours to bind
+        logger.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        return 1
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
