@@ -9,6 +9,7 @@ rows that reach the end of their tokens are sampled. Decode-only batches may rep
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.llama import LlamaForCausalLM
 from streampage.model.sampler import SamplingMetadata, sample
 from streampage.runner.cache_engine import CacheEngine
+from streampage.runner.cuda_graphs import DecodeGraphs
 from streampage.runner.step_types import RowResult
 
 if TYPE_CHECKING:  # the runner reads the scheduler's rows; it never calls into the engine
@@ -80,7 +82,15 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         self.device = device
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' random streams
+        self.graphs: DecodeGraphs | None = None
+        self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (for `streampage bench latency`)
         model.bind_kv_cache(cache.gpu_pool)
+
+    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Record decode steps of up to max_batch sequences as CUDA graphs (CUDA devices only)."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, self.device)
+        self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
@@ -97,6 +107,10 @@ class ModelRunner:
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the sampled rows' last tokens, [len(sample_rows), vocab] float32."""
+        if inputs.is_decode and self.graphs is not None and self.graphs.fits(len(inputs.input_ids)):
+            # Every decode row samples, so the graph's logits rows are the sampled rows.
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.context_lens,
+                                   inputs.block_tables)
         device = self.device
         metadata = AttentionMetadata(
             slot_mapping=_to(inputs.slot_mapping, device),
@@ -118,6 +132,12 @@ class ModelRunner:
         if not sample_rows:
             return results
         metadata = self._sampling_metadata(out, sample_rows)
+        if self.device.type == "cuda":
+            # The sampler's results come back with a blocking copy anyway; waiting here first lets
+            # benchmarks tell host work from time spent waiting for the GPU.
+            start = time.perf_counter()
+            torch.cuda.current_stream(self.device).synchronize()
+            self.gpu_wait_s += time.perf_counter() - start
         sampled = sample(logits, metadata)
         for i, row in enumerate(sample_rows):
             top = sampled.top_logprobs[i]

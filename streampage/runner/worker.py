@@ -80,6 +80,9 @@ class Worker:
                 num_cpu_blocks = min(num_cpu_blocks, num_gpu_blocks)
         cache = CacheEngine(loaded.shape, block_size, num_gpu_blocks, num_cpu_blocks, dtype, self.device)
         self.runner = ModelRunner(loaded.model, cache, block_size, list(loaded.shape.eos_token_ids), self.device)
+        if self.device.type == "cuda" and not config.runner.enforce_eager:
+            max_batch = config.runner.max_graph_batch_size or config.scheduler.max_num_seqs
+            self.runner.capture_graphs(min(max_batch, config.scheduler.max_num_seqs), max_model_len)
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB), swap space %d blocks", num_gpu_blocks, block_size,
                  num_gpu_blocks * per_block / (1 << 30), num_cpu_blocks)
         return WorkerInfo(str(model_dir), loaded.shape, max_model_len, num_gpu_blocks, num_cpu_blocks,
