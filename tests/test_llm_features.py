@@ -41,10 +41,13 @@ def assert_pool_empty(engine: LLMEngine) -> None:
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_memory_pressure_gives_identical_outputs(checkpoint, llm, mode):
-    relaxed = token_ids(llm.generate(PROMPTS, greedy(24, ignore_eos=True), use_tqdm=False))
-    tight = LLM(str(checkpoint), dtype="float32", block_size=8, num_gpu_blocks=14, num_cpu_blocks=64,
-                preemption_mode=mode, enable_prefix_caching=False, watermark=0.0)
+def test_memory_pressure_gives_identical_outputs(checkpoint, mode):
+    settings = {"dtype": "float32", "block_size": 8, "num_cpu_blocks": 64, "enable_prefix_caching": False,
+                "watermark": 0.0, "preemption_mode": mode}
+    roomy = LLM(str(checkpoint), num_gpu_blocks=128, **settings)
+    relaxed = token_ids(roomy.generate(PROMPTS, greedy(24, ignore_eos=True), use_tqdm=False))
+    assert roomy.engine.scheduler.num_preemptions == 0
+    tight = LLM(str(checkpoint), num_gpu_blocks=14, **settings)
     pressured = token_ids(tight.generate(PROMPTS, greedy(24, ignore_eos=True), use_tqdm=False))
     assert tight.engine.scheduler.num_preemptions > 0
     assert pressured == relaxed

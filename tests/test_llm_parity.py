@@ -56,6 +56,17 @@ def test_greedy_matches_transformers_on_ragged_batches(family_checkpoint, block_
     assert llm.engine.kv.num_free_blocks == 64
 
 
+def test_chunked_prefill_and_mixed_batches_match_transformers(family_checkpoint):
+    """A 16-token budget splits every long prompt into chunks and mixes them with other rows' decodes."""
+    family, path, reference = family_checkpoint
+    eos = set(reference.generation_config.eos_token_id)
+    expected = [hf_trim(hf_greedy(reference, p, MAX_NEW), eos) for p in PROMPTS]
+    llm = LLM(str(path), block_size=8, dtype="float32", num_gpu_blocks=64, max_num_batched_tokens=16,
+              max_num_seqs=4)
+    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected, family
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def beam_checkpoint(request, tmp_path_factory):
     """Beam search is family-independent above the model; two families keep the test short."""

@@ -52,13 +52,13 @@ def decode_steps(llm, batch: int, input_len: int, output_len: int) -> dict:
     walls, hosts = [], []
     while engine.has_unfinished_requests():
         running = sum(len(g.seqs) for g in engine.scheduler.running)
-        waited = runner.gpu_wait_s
+        waited = runner.timing["gpu_wait"]
         start = time.perf_counter()
         engine.step()
         wall = time.perf_counter() - start
         if running == batch:
             walls.append(wall)
-            hosts.append(wall - (runner.gpu_wait_s - waited))
+            hosts.append(wall - (runner.timing["gpu_wait"] - waited))
     walls.sort()
     return {"batch": batch, "steps": len(walls), "median_ms": statistics.median(walls) * 1e3,
             "p99_ms": walls[int(0.99 * (len(walls) - 1))] * 1e3, "host_ms": statistics.median(hosts) * 1e3}

@@ -51,10 +51,12 @@ def run_streampage(model: str, workload: Workload, temperature: float, options: 
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert produced == workload.num_output_tokens, f"produced {produced} of {workload.num_output_tokens} tokens"
     stats = llm.engine.stats()
+    timing = {**llm.engine.timing, **getattr(llm.engine.executor, "runner", llm.engine.executor).timing}
     return {"system": "streampage", "seconds": elapsed, "output_tokens": produced,
             "output_tok_s": produced / elapsed, "requests_s": len(outputs) / elapsed,
             "steps": stats.steps_total, "preemptions": stats.num_preemptions_total,
-            "kv_blocks": stats.kv_blocks_total}
+            "kv_blocks": stats.kv_blocks_total,
+            "ms_per_step": {k: v / stats.steps_total * 1e3 for k, v in timing.items()}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'system':<28}{'seconds':>10}{'output tok/s':>15}{'req/s':>9}")
     for r in results:
         print(f"{r['system']:<28}{r['seconds']:>10.2f}{r['output_tok_s']:>15.0f}{r['requests_s']:>9.2f}")
+    phases = results[0]["ms_per_step"]
+    print("streampage host ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
+          + " (execute = prepare + launch + sample; gpu_wait is inside sample)")
     if len(results) > 1:
         print(f"streampage / {results[1]['system']}: {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
     if args.output:

@@ -45,6 +45,10 @@ class KVCacheManager:
         self.watermark_blocks = int(watermark * num_gpu_blocks)
         self.block_tables: dict[int, list[int]] = {}  # seq_id -> GPU blocks (running) or CPU blocks (swapped)
         self._chains: dict[int, list[int]] = {}  # seq_id -> content ids of its first full blocks
+        # Change log for the runner's persistent copy of the tables: tables that changed other than by
+        # appending (copy-on-write, swap), and tables that were dropped. Taken once per step.
+        self.rewritten: set[int] = set()
+        self.dropped: list[int] = []
 
     # ---- sizes -------------------------------------------------------------------------------
 
@@ -120,6 +124,7 @@ class KVCacheManager:
             self.gpu.decref(src)
             table[index] = dst
             copies.append((src, dst))
+            self.rewritten.add(seq.seq_id)
         for _ in range(self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table)):
             table.append(self.gpu.allocate())
 
@@ -152,6 +157,7 @@ class KVCacheManager:
         table = self.block_tables.pop(seq.seq_id, None)
         self._chains.pop(seq.seq_id, None)
         if table is not None:
+            self.dropped.append(seq.seq_id)
             for block in reversed(table):
                 self.gpu.decref(block)
 
@@ -190,6 +196,7 @@ class KVCacheManager:
                     self.gpu.incref(gpu_block)
                 self.cpu.decref(cpu_block)
                 table[i] = gpu_block
+            self.rewritten.add(seq.seq_id)
         return list(mapping.items())
 
     def free_swapped(self, seq: Sequence) -> None:
@@ -197,8 +204,15 @@ class KVCacheManager:
         table = self.block_tables.pop(seq.seq_id, None)
         self._chains.pop(seq.seq_id, None)
         if table is not None:
+            self.dropped.append(seq.seq_id)
             for block in table:
                 self.cpu.decref(block)
+
+    def take_table_changes(self) -> tuple[set[int], list[int]]:
+        """Tables rewritten and tables dropped since the last call (for the runner's mirror)."""
+        rewritten, dropped = self.rewritten, self.dropped
+        self.rewritten, self.dropped = set(), []
+        return rewritten, dropped
 
     # ---- checks ------------------------------------------------------------------------------
 

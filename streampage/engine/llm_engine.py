@@ -77,6 +77,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.cached_prompt_tokens_total = 0
         self.steps_total = 0
+        self.timing = dict.fromkeys(("schedule", "execute", "process"), 0.0)  # seconds, for benchmarks
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> tuple[LLMEngine, WorkerInfo]:
@@ -127,14 +128,23 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         out.finished_request_ids, self._finished_ids = self._finished_ids, []
         deltas, self._pending = self._pending, []
         if out.is_empty:
             return deltas
+        out.rewritten_seq_ids, out.dropped_seq_ids = self.kv.take_table_changes()
+        scheduled = time.perf_counter()
         results = self.executor.execute(out)
+        executed = time.perf_counter()
         self.steps_total += 1
-        return deltas + self._process(out, results)
+        deltas += self._process(out, results)
+        timing = self.timing
+        timing["schedule"] += scheduled - start
+        timing["execute"] += executed - scheduled
+        timing["process"] += time.perf_counter() - executed
+        return deltas
 
     def _process(self, out: SchedulerOutput, results: list[RowResult | None]) -> list[RequestDelta]:
         now = time.monotonic()

@@ -40,6 +40,10 @@ class SchedulerOutput:
     preempted: list[SequenceGroup] = field(default_factory=list)
     num_batched_tokens: int = 0
     finished_request_ids: list[str] = field(default_factory=list)  # ended since the last step
+    # Block tables changed other than by appending since the last step, and tables dropped: the
+    # runner keeps a persistent copy of the tables and updates only what these name.
+    rewritten_seq_ids: set[int] = field(default_factory=set)
+    dropped_seq_ids: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from streampage.kernels import reference
 from torch import nn
 
 from streampage import kernels
 from streampage.distributed import tp_all_gather_last_dim, tp_all_reduce, tp_rank, tp_size
+from streampage.kernels import reference
 from streampage.model.forward_context import AttentionMetadata, get_attention_metadata
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], None]

@@ -100,7 +100,7 @@ class SamplingMetadata:
         if num_logprobs is None:
             num_logprobs = np.maximum(table[:, _LOGPROBS], np.where(beam, 2 * table[:, _BEAM_WIDTH], 0))
         num_logprobs = np.asarray(num_logprobs, dtype=np.int64)
-        columns = torch.from_numpy(np.ascontiguousarray(table[:, :_NUM_COLUMNS])).to(device).unbind(dim=1)
+        columns = _to_device(np.ascontiguousarray(table[:, :_NUM_COLUMNS]), torch.device(device)).unbind(dim=1)
         return cls(
             temperature=columns[_TEMPERATURE],
             top_p=columns[_TOP_P],
@@ -127,6 +127,15 @@ class SamplingMetadata:
     @property
     def num_rows(self) -> int:
         return len(self.num_samples)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting for the device: built while the forward pass still runs, a
+    copy from pageable memory would block until that pass is done."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _check_lengths(

@@ -33,27 +33,61 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 @dataclass
 class DecodeBuffers:
-    input_ids: torch.Tensor  # [max_batch] int64
-    positions: torch.Tensor  # [max_batch] int64
-    slot_mapping: torch.Tensor  # [max_batch] int64
+    """The graphs' static inputs on the device, and pinned host mirrors to fill them from in a few
+    asynchronous copies (pageable copies would each block on the device)."""
+
+    token_rows: torch.Tensor  # [3, max_batch] int64: input ids, positions, slot mapping
     context_lens: torch.Tensor  # [max_batch] int32
-    block_tables: torch.Tensor  # [max_batch, max_blocks_per_seq] int32
+    block_tables: torch.Tensor  # [max_batch, max_blocks_per_seq] int32 (read up to each context)
+    block_tables_packed: torch.Tensor  # [max_batch * max_blocks_per_seq] int32: this step's [rows, width]
     query_start_loc: torch.Tensor  # arange(max_batch + 1) int32: one token per row
+    host_token_rows: torch.Tensor  # pinned mirrors of the above
+    host_context_lens: torch.Tensor
+    host_block_tables: torch.Tensor
     logits: torch.Tensor | None = None  # [max_batch, vocab] float32, written by the graphs
 
     @classmethod
     def allocate(cls, max_batch: int, max_blocks: int, device: torch.device) -> DecodeBuffers:
-        def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
+        token_rows = torch.zeros((3, max_batch), dtype=torch.int64, device=device)
+        token_rows[2] = -1
+        return cls(
+            token_rows, torch.zeros(max_batch, dtype=torch.int32, device=device),
+            torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=device),
+            torch.zeros(max_batch * max_blocks, dtype=torch.int32, device=device),
+            torch.arange(max_batch + 1, dtype=torch.int32, device=device),
+            torch.zeros((3, max_batch), dtype=torch.int64, pin_memory=True),
+            torch.zeros(max_batch, dtype=torch.int32, pin_memory=True),
+            torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=True),
+        )
 
-        return cls(zeros(max_batch, dtype=torch.int64), zeros(max_batch, dtype=torch.int64),
-                   torch.full((max_batch,), -1, dtype=torch.int64, device=device),
-                   zeros(max_batch, dtype=torch.int32), zeros(max_batch, max_blocks, dtype=torch.int32),
-                   torch.arange(max_batch + 1, dtype=torch.int32, device=device))
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.token_rows[0]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.token_rows[1]
 
     def metadata(self, bucket: int) -> AttentionMetadata:
-        return AttentionMetadata(self.slot_mapping[:bucket], self.block_tables[:bucket], self.context_lens[:bucket],
+        return AttentionMetadata(self.token_rows[2, :bucket], self.block_tables[:bucket], self.context_lens[:bucket],
                                  self.query_start_loc[: bucket + 1], max_query_len=1, is_decode=True)
+
+    def load(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
+             context_lens: np.ndarray, block_tables: np.ndarray, bucket: int) -> None:
+        """Copy one step's inputs in; rows past the step up to the bucket are padding (write nowhere,
+        attend to nothing)."""
+        rows, width = block_tables.shape
+        tokens = self.host_token_rows.numpy()
+        tokens[0, :rows], tokens[1, :rows], tokens[2, :rows] = input_ids, positions, slot_mapping
+        tokens[2, rows:bucket] = -1
+        lens = self.host_context_lens.numpy()
+        lens[:rows], lens[rows:bucket] = context_lens, 0
+        self.host_block_tables.numpy()[: rows * width] = block_tables.ravel()
+        self.token_rows[:, :bucket].copy_(self.host_token_rows[:, :bucket], non_blocking=True)
+        self.context_lens[:bucket].copy_(self.host_context_lens[:bucket], non_blocking=True)
+        packed = self.block_tables_packed[: rows * width]
+        packed.copy_(self.host_block_tables[: rows * width], non_blocking=True)
+        self.block_tables[:rows, :width].copy_(packed.view(rows, width))
 
 
 class DecodeGraphs:
@@ -98,22 +132,11 @@ class DecodeGraphs:
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, context_lens: np.ndarray,
             block_tables: np.ndarray) -> torch.Tensor:
-        """Replay the bucket's graph for a decode step of len(input_ids) rows; logits [rows, vocab]."""
+        """Replay the bucket's graph for a decode step of len(input_ids) rows; logits [rows, vocab].
+        The caller synchronises before the next step, so the pinned mirrors are free to refill."""
         rows = len(input_ids)
         bucket = self.buckets[self._bucket_of[rows]]
-        b = self.buffers
-        _copy(b.input_ids[:rows], input_ids)
-        _copy(b.positions[:rows], positions)
-        _copy(b.slot_mapping[:rows], slot_mapping)
-        _copy(b.context_lens[:rows], context_lens)
-        _copy(b.block_tables[:rows, : block_tables.shape[1]], block_tables)
-        if bucket > rows:  # padding rows: write nowhere, attend to nothing
-            b.slot_mapping[rows:bucket].fill_(-1)
-            b.context_lens[rows:bucket].zero_()
+        self.buffers.load(input_ids, positions, slot_mapping, context_lens, block_tables, bucket)
         self.graphs[bucket].replay()
-        assert b.logits is not None
-        return b.logits[:rows]
-
-
-def _copy(dst: torch.Tensor, src: np.ndarray) -> None:
-    dst.copy_(torch.from_numpy(src), non_blocking=True)
+        assert self.buffers.logits is not None
+        return self.buffers.logits[:rows]

@@ -19,6 +19,7 @@ import torch
 from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.llama import LlamaForCausalLM
 from streampage.model.sampler import SamplingMetadata, sample
+from streampage.runner.block_table_mirror import BlockTableMirror
 from streampage.runner.cache_engine import CacheEngine
 from streampage.runner.cuda_graphs import DecodeGraphs
 from streampage.runner.step_types import RowResult
@@ -42,40 +43,9 @@ class StepInputs:
     is_decode: bool
 
 
-def prepare_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
-    """Flatten the scheduled rows into one token batch (O(tokens) with numpy, no per-token objects)."""
-    num_rows = len(out.seqs)
-    counts = np.fromiter(out.num_new_tokens, dtype=np.int64, count=num_rows)
-    starts = np.fromiter((s.num_computed_tokens for s in out.seqs), dtype=np.int64, count=num_rows)
-    ends = starts + counts
-    query_start_loc = np.zeros(num_rows + 1, dtype=np.int32)
-    np.cumsum(counts, out=query_start_loc[1:])
-    is_decode = out.is_decode_only
-    if is_decode:
-        input_ids = np.fromiter((s.token_ids[-1] for s in out.seqs), dtype=np.int64, count=num_rows)
-        positions = starts
-    else:
-        input_ids = np.fromiter(
-            (t for s, a, b in zip(out.seqs, starts.tolist(), ends.tolist(), strict=True) for t in s.token_ids[a:b]),
-            dtype=np.int64, count=int(query_start_loc[-1]))
-        positions = np.arange(int(query_start_loc[-1]), dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts,
-                                                                                    counts)
-    max_blocks = max(len(t) for t in out.block_tables)
-    block_tables = np.zeros((num_rows, max_blocks), dtype=np.int32)
-    for row, table in enumerate(out.block_tables):
-        block_tables[row, : len(table)] = table
-    row_of_token = np.repeat(np.arange(num_rows), counts)
-    slot_mapping = (block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size
-                    + positions % block_size)
-    sample_rows = [row for row, (s, end) in enumerate(zip(out.seqs, ends.tolist(), strict=True))
-                   if end == len(s.token_ids)]
-    return StepInputs(input_ids, positions, slot_mapping, block_tables, ends.astype(np.int32), query_start_loc,
-                      sample_rows, int(counts.max()), is_decode)
-
-
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, cache: CacheEngine, block_size: int, eos_token_ids: list[int],
-                 device: torch.device) -> None:
+                 device: torch.device, max_blocks_per_seq: int) -> None:
         self.model = model
         self.cache = cache
         self.block_size = block_size
@@ -83,13 +53,16 @@ class ModelRunner:
         self.device = device
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' random streams
         self.graphs: DecodeGraphs | None = None
-        self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (for `streampage bench latency`)
+        self.mirror = BlockTableMirror(max_blocks_per_seq)
+        self._metadata_key: list | None = None  # the rows' requests when the cached metadata was built
+        self._metadata: SamplingMetadata | None = None
+        # Host seconds per phase, for benchmarks; "gpu_wait" is time blocked on the device (in "sample").
+        self.timing = dict.fromkeys(("prepare", "launch", "sample", "gpu_wait"), 0.0)
         model.bind_kv_cache(cache.gpu_pool)
 
-    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def capture_graphs(self, max_batch: int) -> None:
         """Record decode steps of up to max_batch sequences as CUDA graphs (CUDA devices only)."""
-        max_blocks = -(-max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, self.device)
+        self.graphs = DecodeGraphs(self.model, max_batch, self.mirror.table.shape[1], self.device)
         self.graphs.capture()
 
     @torch.inference_mode()
@@ -101,9 +74,48 @@ class ModelRunner:
         self.cache.copy(out.blocks_to_copy)
         if not out.seqs:
             return []
-        inputs = prepare_inputs(out, self.block_size)
-        logits = self.forward(inputs)
-        return self.sample(out, inputs.sample_rows, logits)
+        start = time.perf_counter()
+        inputs = self.prepare_inputs(out)
+        prepared = time.perf_counter()
+        logits = self.forward(inputs)  # launched, not waited for: sampling set-up overlaps it
+        launched = time.perf_counter()
+        results = self.sample(out, inputs.sample_rows, logits)
+        timing = self.timing
+        timing["prepare"] += prepared - start
+        timing["launch"] += launched - prepared
+        timing["sample"] += time.perf_counter() - launched
+        return results
+
+    def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
+        """Flatten the scheduled rows into one token batch (numpy; no per-token Python objects)."""
+        seqs, block_size = out.seqs, self.block_size
+        num_rows = len(seqs)
+        rows = self.mirror.update([s.seq_id for s in seqs], out.block_tables, out.rewritten_seq_ids,
+                                  out.dropped_seq_ids)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_rows)
+        if out.is_decode_only:
+            counts = np.ones(num_rows, dtype=np.int64)
+            input_ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=num_rows)
+            positions = starts
+            sample_rows = list(range(num_rows))
+        else:
+            counts = np.fromiter(out.num_new_tokens, dtype=np.int64, count=num_rows)
+            ends = (starts + counts).tolist()
+            input_ids = np.fromiter((t for s, a, b in zip(seqs, starts.tolist(), ends, strict=True)
+                                     for t in s.token_ids[a:b]), dtype=np.int64, count=out.num_batched_tokens)
+            positions = np.arange(out.num_batched_tokens, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts
+                                                                                     - starts, counts)
+            sample_rows = [row for row, (s, end) in enumerate(zip(seqs, ends, strict=True)) if end == len(s.token_ids)]
+        context_lens = (starts + counts).astype(np.int32)
+        width = -(-int(context_lens.max()) // block_size)
+        block_tables = self.mirror.table[rows, :width]
+        row_of_token = np.repeat(np.arange(num_rows), counts) if not out.is_decode_only else np.arange(num_rows)
+        slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size + (
+            positions % block_size)
+        query_start_loc = np.zeros(num_rows + 1, dtype=np.int32)
+        np.cumsum(counts, out=query_start_loc[1:])
+        return StepInputs(input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc,
+                          sample_rows, int(counts.max()), out.is_decode_only)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the sampled rows' last tokens, [len(sample_rows), vocab] float32."""
@@ -137,7 +149,7 @@ class ModelRunner:
             # benchmarks tell host work from time spent waiting for the GPU.
             start = time.perf_counter()
             torch.cuda.current_stream(self.device).synchronize()
-            self.gpu_wait_s += time.perf_counter() - start
+            self.timing["gpu_wait"] += time.perf_counter() - start
         sampled = sample(logits, metadata)
         for i, row in enumerate(sample_rows):
             top = sampled.top_logprobs[i]
@@ -146,7 +158,16 @@ class ModelRunner:
         return results
 
     def _sampling_metadata(self, out: SchedulerOutput, sample_rows: list[int]) -> SamplingMetadata:
-        groups = [out.groups[r] for r in sample_rows]
+        groups = out.groups if len(sample_rows) == len(out.groups) else [out.groups[r] for r in sample_rows]
+        # Same requests as last step and nothing that changes per step (penalties read the outputs,
+        # min_tokens bans expire, n > 1 draws n only once): the last metadata still holds.
+        if groups == self._metadata_key and self._metadata is not None and _is_static(self._metadata):
+            return self._metadata
+        self._metadata_key = list(groups)
+        self._metadata = self._build_metadata(out, sample_rows, groups)
+        return self._metadata
+
+    def _build_metadata(self, out: SchedulerOutput, sample_rows: list[int], groups: list) -> SamplingMetadata:
         seqs = [out.seqs[r] for r in sample_rows]
         params = [g.params for g in groups]
         penalised = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
@@ -177,6 +198,10 @@ class ModelRunner:
             generator = self.generators[request_id] = torch.Generator(device=self.device)
             generator.manual_seed(seed)
         return generator
+
+
+def _is_static(metadata: SamplingMetadata) -> bool:
+    return not metadata.penalty_rows and not metadata.banned_rows and max(metadata.num_samples, default=1) == 1
 
 
 def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -79,10 +79,11 @@ class Worker:
             if self.device.type == "cpu":  # swapping host memory to host memory: keep it small
                 num_cpu_blocks = min(num_cpu_blocks, num_gpu_blocks)
         cache = CacheEngine(loaded.shape, block_size, num_gpu_blocks, num_cpu_blocks, dtype, self.device)
-        self.runner = ModelRunner(loaded.model, cache, block_size, list(loaded.shape.eos_token_ids), self.device)
+        self.runner = ModelRunner(loaded.model, cache, block_size, list(loaded.shape.eos_token_ids), self.device,
+                                  max_blocks_per_seq=-(-max_model_len // block_size))
         if self.device.type == "cuda" and not config.runner.enforce_eager:
             max_batch = config.runner.max_graph_batch_size or config.scheduler.max_num_seqs
-            self.runner.capture_graphs(min(max_batch, config.scheduler.max_num_seqs), max_model_len)
+            self.runner.capture_graphs(min(max_batch, config.scheduler.max_num_seqs))
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB), swap space %d blocks", num_gpu_blocks, block_size,
                  num_gpu_blocks * per_block / (1 << 30), num_cpu_blocks)
         return WorkerInfo(str(model_dir), loaded.shape, max_model_len, num_gpu_blocks, num_cpu_blocks,
