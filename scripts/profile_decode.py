@@ -5,7 +5,6 @@
 
 import sys
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from streampage.bench.workloads import fixed_workload, resolve_model
