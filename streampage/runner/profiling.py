@@ -28,16 +28,17 @@ def profile_peak_bytes(loaded: LoadedModel, config: EngineConfig, device: torch.
     pool = torch.zeros((shape.num_layers, 2, 1, block_size, shape.num_kv_heads, shape.head_dim),
                        dtype=shape.dtype, device=device)
     loaded.model.bind_kv_cache(pool)
-    # num_seqs sequences share the tokens; slot -1 writes nowhere and every table points at block 0,
-    # so attention reads real memory while the pool stays one block.
+    # num_seqs whole prompts share the tokens; slot -1 writes nowhere and every table entry is block
+    # 0, so attention reads real (if meaningless) memory while the pool stays one block.
     lens = torch.full((num_seqs,), num_tokens // num_seqs, dtype=torch.int32)
     lens[: num_tokens % num_seqs] += 1
     query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
     query_start_loc[1:] = torch.cumsum(lens, 0)
+    width = -(-int(lens.max()) // block_size)
     metadata = AttentionMetadata(
         slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
-        block_tables=torch.zeros((num_seqs, 1), dtype=torch.int32, device=device),
-        context_lens=torch.ones(num_seqs, dtype=torch.int32, device=device),
+        block_tables=torch.zeros((num_seqs, width), dtype=torch.int32, device=device),
+        context_lens=lens.to(device),
         query_start_loc=query_start_loc.to(device),
         max_query_len=int(lens.max()),
         is_decode=False,
