@@ -67,6 +67,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # tokens per step (decode tokens + prefill chunks)
     preemption_mode: PreemptionMode = "auto"  # auto: recompute single-sequence groups, swap the others
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = True  # schedule and launch step t+1 before reading step t's tokens
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

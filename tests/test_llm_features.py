@@ -173,3 +173,23 @@ def test_impossible_requests_are_refused_and_nothing_leaks(llm):
         llm.generate([[10_000]], greedy(), use_tqdm=False)
     assert err.value.param == "prompt_token_ids"
     assert_pool_empty(llm.engine)
+
+
+def test_async_scheduling_gives_the_same_outputs_as_synchronous_steps(checkpoint):
+    """Scheduling step t+1 before step t's tokens are read must not change any output: placeholders,
+    rows of sequences that ended meanwhile, and the synchronous fallbacks (n > 1, beams, penalties)."""
+    full = LLM(str(checkpoint), dtype="float32", block_size=8, num_gpu_blocks=128, async_scheduling=False)
+    ends = full.generate([PROMPTS[1]], greedy(16, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    params = [greedy(20, ignore_eos=True), greedy(16, stop_token_ids=[ends[5]]),
+              SamplingParams(max_tokens=12, n=3, seed=5), SamplingParams(max_tokens=10, beam_width=3, temperature=0),
+              SamplingParams(max_tokens=14, repetition_penalty=1.3, seed=2), greedy(9, min_tokens=7)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+
+    def run(async_scheduling: bool) -> list:
+        llm = LLM(str(checkpoint), dtype="float32", block_size=8, num_gpu_blocks=40, watermark=0.0,
+                  async_scheduling=async_scheduling, max_num_batched_tokens=24, max_num_seqs=8)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert_pool_empty(llm.engine)
+        return [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outputs]
+
+    assert run(True) == run(False)

@@ -210,10 +210,10 @@ class EngineMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.engine is None)
     @rule(mode=st.sampled_from(["auto", "recompute", "swap"]), blocks=st.integers(12, 40),
-          chunked=st.booleans(), prefix=st.booleans())
-    def start(self, mode, blocks, chunked, prefix):
+          chunked=st.booleans(), prefix=st.booleans(), pipelined=st.booleans())
+    def start(self, mode, blocks, chunked, prefix, pipelined):
         self.engine = make_engine(blocks=blocks, cpu_blocks=48, preemption_mode=mode, max_model_len=128,
-                                  max_num_batched_tokens=32 if chunked else 128,
+                                  max_num_batched_tokens=32 if chunked else 128, async_scheduling=pipelined,
                                   enable_chunked_prefill=chunked, enable_prefix_caching=prefix)
 
     @precondition(lambda self: self.engine is not None)

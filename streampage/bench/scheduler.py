@@ -27,10 +27,13 @@ class ConstantExecutor:
     def __init__(self) -> None:
         self.result = RowResult([7], [-1.0])
 
-    def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
+    def launch(self, out: SchedulerOutput) -> list[RowResult | None]:
         result = self.result
         return [result if s.num_computed_tokens + n == len(s.token_ids) else None
                 for s, n in zip(out.seqs, out.num_new_tokens, strict=True)]
+
+    def collect(self, launched: list[RowResult | None]) -> list[RowResult | None]:
+        return launched
 
 
 def time_decode_steps(num_seqs: int, steps: int, prompt_len: int, block_size: int) -> list[float]:

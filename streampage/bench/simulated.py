@@ -16,6 +16,12 @@ class SimulatedExecutor:
         self.avoid = avoid  # tokens never produced (e.g. EOS, so lengths are exact)
         self.steps = 0
 
+    def launch(self, out: SchedulerOutput) -> list[RowResult | None]:
+        return self.execute(out)
+
+    def collect(self, launched: list[RowResult | None]) -> list[RowResult | None]:
+        return launched
+
     def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
         self.steps += 1
         results: list[RowResult | None] = []

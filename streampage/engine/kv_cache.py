@@ -134,9 +134,9 @@ class KVCacheManager:
 
     def commit_computed(self, seq: Sequence) -> None:
         """Register the sequence's blocks that are now full and computed in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
-        chain = self._chains[seq.seq_id]
+        chain = self._chains.get(seq.seq_id)
+        if chain is None or not self.enable_prefix_caching:
+            return  # prefix caching is off, or the sequence holds no blocks now (preempted)
         table = self.block_tables[seq.seq_id]
         size = self.block_size
         tokens = seq.token_ids

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from streampage.config import ConfigError, EngineConfig
 from streampage.engine import beam_search
 from streampage.engine.kv_cache import KVCacheManager
 from streampage.engine.limits import RequestLimits
-from streampage.engine.request import Sequence, SequenceGroup
+from streampage.engine.request import PLACEHOLDER, SeqStatus, Sequence, SequenceGroup
 from streampage.engine.scheduler import Scheduler, SchedulerOutput
 from streampage.outputs import EngineStats, TokenLogprobs
 from streampage.runner.step_types import RowResult
@@ -24,8 +24,12 @@ from streampage.sampling_params import SamplingParams
 
 
 class Executor(Protocol):
-    def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
-        """Run one step; one result per row that reaches the end of its tokens, None for others."""
+    def launch(self, out: SchedulerOutput) -> Any:
+        """Queue one step (it may still be running on return); returns a handle for `collect`."""
+        ...
+
+    def collect(self, launched: Any) -> list[RowResult | None]:
+        """Wait for a launched step: one result per row that reached the end of its tokens."""
         ...
 
 
@@ -68,10 +72,12 @@ class LLMEngine:
         self.vocab_size = vocab_size
         self.kv = KVCacheManager(num_gpu_blocks, num_cpu_blocks, cache.block_size,
                                  cache.enable_prefix_caching, cache.watermark)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len)
         self.limits = RequestLimits(max_model_len, vocab_size, num_gpu_blocks, cache.block_size,
                                     sched.max_num_batched_tokens, sched.enable_chunked_prefill)
         self._pending: list[RequestDelta] = []  # endings decided between steps (aborts)
+        self.async_scheduling = sched.async_scheduling
+        self._inflight: tuple[SchedulerOutput, Any] | None = None  # launched, not yet processed
         self._finished_ids: list[str] = []  # for the runner to drop per-request state
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -123,40 +129,71 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._pending)
+        return self.scheduler.num_unfinished > 0 or bool(self._pending) or self._inflight is not None
 
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:
+        """Schedule and launch the next step, then finish the previous one.
+
+        With async scheduling the host schedules step t+1 and queues it on the device before it
+        reads step t's tokens: a sequence sampling in step t carries a placeholder token (PLACEHOLDER)
+        that step t+1 reads straight from the device, and that `_process` fills in afterwards. A
+        sequence that step t ends (EOS, a stop token) wastes its row in step t+1, whose result is
+        dropped; lengths are known ahead, so length limits waste nothing. Steps whose results decide
+        the next batch on the host (beam search, forks of n > 1, penalties) are finished at once.
+        """
         start = time.perf_counter()
+        deltas, self._pending = self._pending, []
         out = self.scheduler.schedule()
         out.finished_request_ids, self._finished_ids = self._finished_ids, []
-        deltas, self._pending = self._pending, []
-        if out.is_empty:
-            return deltas
-        out.rewritten_seq_ids, out.dropped_seq_ids = self.kv.take_table_changes()
         scheduled = time.perf_counter()
-        results = self.executor.execute(out)
+        launched = None
+        if not out.is_empty:
+            out.rewritten_seq_ids, out.dropped_seq_ids = self.kv.take_table_changes()
+            launched = self.executor.launch(out)
+            self._mark_launched(out)
+            self.steps_total += 1
         executed = time.perf_counter()
-        self.steps_total += 1
-        deltas += self._process(out, results)
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            deltas += self._process(previous[0], self.executor.collect(previous[1]))
+        if launched is not None:
+            if self.async_scheduling and not _decides_next_batch(out):
+                self._inflight = (out, launched)
+            else:
+                deltas += self._process(out, self.executor.collect(launched))
         timing = self.timing
         timing["schedule"] += scheduled - start
         timing["execute"] += executed - scheduled
         timing["process"] += time.perf_counter() - executed
         return deltas
 
+    def _mark_launched(self, out: SchedulerOutput) -> None:
+        """The launched rows' tokens are computed; each sampling row gains a placeholder token."""
+        indices = out.sample_indices
+        for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
+            tokens = seq.token_ids
+            computed = seq.num_computed_tokens + n
+            seq.num_computed_tokens = computed
+            if computed == len(tokens):
+                indices.append(computed)
+                tokens.append(PLACEHOLDER)
+            else:
+                indices.append(-1)
+
     def _process(self, out: SchedulerOutput, results: list[RowResult | None]) -> list[RequestDelta]:
         now = time.monotonic()
         kv, block_size = self.kv, self.kv.block_size
         touched: dict[str, tuple[SequenceGroup, RequestDelta]] = {}
         beam_rows: dict[str, list[tuple[Sequence, RowResult]]] = {}
-        for seq, group, n, result in zip(out.seqs, out.groups, out.num_new_tokens, results, strict=True):
-            computed = seq.num_computed_tokens + n
-            seq.num_computed_tokens = computed
-            if computed % block_size < n:  # a block filled up: the prefix cache may record it
-                kv.commit_computed(seq)
+        rows = zip(out.seqs, out.groups, out.num_new_tokens, out.sample_indices, results, strict=True)
+        for seq, group, n, index, result in rows:
+            if seq.status is SeqStatus.FINISHED:
+                continue  # ended (EOS, abort) while this step was in flight: its row is moot
             if result is None:
+                if seq.num_computed_tokens % block_size < n:  # a block filled up: record its prefix
+                    kv.commit_computed(seq)
                 continue
             entry = touched.get(group.request_id)
             if entry is None:
@@ -164,12 +201,15 @@ class LLMEngine:
                 if group.first_token_time is None:
                     self._count_prompt(group)
             if group.params.use_beam_search:
+                del seq.token_ids[index:]  # beams are re-seated from the candidates
                 beam_rows.setdefault(group.request_id, []).append((seq, result))
             else:
-                self._append_sampled(group, seq, result, entry[1])
-        for request_id, rows in beam_rows.items():
+                self._append_sampled(group, seq, index, result, entry[1])
+            if seq.status is not SeqStatus.FINISHED:
+                kv.commit_computed(seq)
+        for request_id, beam in beam_rows.items():
             group, delta = touched[request_id]
-            self._beam_step(group, rows, delta)
+            self._beam_step(group, beam, delta)
         deltas = []
         for group, delta in touched.values():
             if group.first_token_time is None:
@@ -183,8 +223,10 @@ class LLMEngine:
         self.prompt_tokens_total += group.num_prompt_tokens
         self.cached_prompt_tokens_total += group.num_cached_tokens
 
-    def _append_sampled(self, group: SequenceGroup, seq: Sequence, result: RowResult, delta: RequestDelta) -> None:
-        """Append a row's token; the first draw of an n > 1 request forks the other choices."""
+    def _append_sampled(self, group: SequenceGroup, seq: Sequence, index: int, result: RowResult,
+                        delta: RequestDelta) -> None:
+        """Fill a row's placeholder with its token; the first draw of an n > 1 request forks the
+        other choices (that step is never in flight, so the placeholder is the last token)."""
         if len(result.token_ids) > 1:  # parallel sampling: children share the prompt's blocks
             targets = [seq]
             for _ in result.token_ids[1:]:
@@ -201,31 +243,31 @@ class LLMEngine:
                 entry = dict(zip(*top, strict=True)) if top is not None else {}
                 entry[token] = logprob
                 target.logprobs.append(entry)
-            self._append(target, group.params, token, logprob)
+            self._record(target, group.params, index, token, logprob)
             choice = 0 if group.seqs[0] is target else group.seqs.index(target)
             delta.seqs.append(SeqDelta(choice, [token], None if entry is None else [entry],
                                        target.cumulative_logprob, target.finish_reason, target.stop_reason))
 
-    def _append(self, seq: Sequence, params: SamplingParams, token: int, logprob: float) -> None:
-        """Append one sampled token and end the sequence if it is done (freeing its blocks)."""
+    def _record(self, seq: Sequence, params: SamplingParams, index: int, token: int, logprob: float) -> None:
+        """Put a sampled token at `index` (its placeholder) and end the sequence if it is done,
+        dropping any placeholder a later in-flight step added."""
         tokens = seq.token_ids
-        tokens.append(token)
+        tokens[index] = token
         seq.cumulative_logprob += logprob
         self.generation_tokens_total += 1
-        num_output = len(tokens) - seq.num_prompt_tokens
+        num_output = index + 1 - seq.num_prompt_tokens
+        reason: tuple[str, int | None] | None = None
         if num_output >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
-                self._end(seq, "stop", None)
-                return
-            if token in params.stop_token_ids:
-                self._end(seq, "stop", token)
-                return
-        if num_output >= params.max_tokens or len(tokens) >= self.max_model_len:
-            self._end(seq, "length", None)
-
-    def _end(self, seq: Sequence, reason: str, stop_reason: int | None) -> None:
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        self.scheduler.finish_seq(seq)
+                reason = ("stop", None)
+            elif token in params.stop_token_ids:
+                reason = ("stop", token)
+        if reason is None and (num_output >= params.max_tokens or index + 1 >= self.max_model_len):
+            reason = ("length", None)
+        if reason is not None:
+            del tokens[index + 1 :]
+            seq.finish_reason, seq.stop_reason = reason
+            self.scheduler.finish_seq(seq)
 
     def _beam_step(self, group: SequenceGroup, rows: list[tuple[Sequence, RowResult]], delta: RequestDelta) -> None:
         params = group.params
@@ -307,3 +349,13 @@ class LLMEngine:
         running = [s for g in self.scheduler.running for s in g.live_seqs()]
         swapped = [s for g in self.scheduler.swapped for s in g.live_seqs()]
         self.kv.check_invariants(running, swapped)
+
+
+def _decides_next_batch(out: SchedulerOutput) -> bool:
+    """Whether the host needs this step's tokens before it can schedule the next one."""
+    for group in out.groups:
+        params = group.params
+        if (params.use_beam_search or group.num_samples() > 1 or params.presence_penalty
+                or params.frequency_penalty or params.repetition_penalty != 1.0):
+            return True
+    return False

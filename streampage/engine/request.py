@@ -29,6 +29,9 @@ class SeqStatus(enum.Enum):
 
 _seq_ids = itertools.count()
 
+# Stands for a token the device is still sampling (async scheduling); never reaches the model or a user.
+PLACEHOLDER = -1
+
 
 class Sequence:
     __slots__ = (

@@ -44,6 +44,8 @@ class SchedulerOutput:
     # runner keeps a persistent copy of the tables and updates only what these name.
     rewritten_seq_ids: set[int] = field(default_factory=set)
     dropped_seq_ids: list[int] = field(default_factory=list)
+    # Per row, the index of the token it samples (filled when launched; -1: the row samples nothing).
+    sample_indices: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -68,9 +70,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
         self.config = config
         self.kv = kv
+        self.max_model_len = max_model_len
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []  # ordered by arrival
         self.swapped: list[SequenceGroup] = []  # ordered by arrival
@@ -146,12 +149,16 @@ class Scheduler:
         # Pass 1, the common case in O(1) per request: a lone sequence decoding into a private block
         # with room. It allocates nothing, so it is trivially undone if the request is preempted.
         others: list[SequenceGroup] = []
+        max_model_len = self.max_model_len
         for group in self.running:
             if len(group.seqs) == 1:
                 seq = group.seqs[0]
+                tokens = seq.token_ids
+                if len(tokens) - seq.num_prompt_tokens >= group.params.max_tokens or len(tokens) >= max_model_len:
+                    continue  # its last token, still in flight, ends it: nothing more to compute
                 table = tables.get(seq.seq_id)
                 pos = seq.num_computed_tokens
-                if (table is not None and pos + 1 == len(seq.token_ids) and pos // block_size < len(table)
+                if (table is not None and pos + 1 == len(tokens) and pos // block_size < len(table)
                         and ref_counts[table[pos // block_size]] == 1):
                     out.add_row(seq, group, 1, table)
                     continue
@@ -218,9 +225,11 @@ class Scheduler:
         take their reserved token; prefills take what the budget allows (all or nothing when
         chunking is off: such a sequence waits for a later step)."""
         plan: list[tuple[Sequence, int, PrefixHit | None]] = []
+        max_tokens = group.params.max_tokens
         for seq in group.seqs:
-            if seq.status is SeqStatus.FINISHED:
-                continue
+            if seq.status is SeqStatus.FINISHED or seq.num_output_tokens >= max_tokens or (
+                    len(seq.token_ids) >= self.max_model_len):
+                continue  # finished, or ended by length once its in-flight token lands
             hit = None
             computed = seq.num_computed_tokens
             if seq.seq_id not in self.kv.block_tables:

@@ -168,13 +168,40 @@ class SamplerOutput:
     top_logprobs: list[TopLogprobs | None]  # per row; None where num_logprobs[r] == 0
 
 
+@dataclass
+class DeviceSample:
+    """A step's draws still on the device: `tokens` [draws] can feed the next step directly; the rest
+    travels to the host (one transfer per dtype) when `to_host` is called."""
+
+    tokens: torch.Tensor
+    ints: torch.Tensor  # tokens, then the top-k ids of every row
+    floats: torch.Tensor  # the sampled tokens' raw log-probabilities, then the top-k values
+    k: int
+    metadata: SamplingMetadata
+
+    def to_host(self) -> SamplerOutput:
+        return _split_output(self.ints.tolist(), self.floats.tolist(), self.tokens.shape[0], self.k, self.metadata)
+
+
 def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
     """Draw metadata.num_samples[r] tokens from each row r of `logits` [rows, vocab]."""
+    return sample_on_device(logits, metadata).to_host()
+
+
+def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata) -> DeviceSample:
+    """`sample` without the host transfer: every kernel is queued and nothing waits."""
     logits = logits.float()
     log_normalizer = torch.logsumexp(logits, dim=-1)  # raw log-probabilities are logits - this
     sample_rows = _sample_rows(metadata, logits.device)
     tokens = _select_tokens(logits, metadata, sample_rows)
-    return _gather_output(logits, log_normalizer, tokens, sample_rows, metadata)
+    sampled_logprobs = logits[sample_rows, tokens] - log_normalizer[sample_rows]
+    k = min(max(metadata.num_logprobs, default=0), logits.shape[-1])
+    ints, floats = tokens, sampled_logprobs
+    if k:
+        top = logits.topk(k, dim=-1)
+        ints = torch.cat([tokens, top.indices.flatten()])
+        floats = torch.cat([sampled_logprobs, (top.values - log_normalizer.unsqueeze(1)).flatten()])
+    return DeviceSample(tokens, ints, floats, k, metadata)
 
 
 def _sample_rows(metadata: SamplingMetadata, device: torch.device) -> torch.Tensor:
@@ -340,23 +367,10 @@ def _exponential_race(logits: torch.Tensor, metadata: SamplingMetadata, sample_r
     return weights.div_(q).argmax(dim=-1)
 
 
-def _gather_output(
-    logits: torch.Tensor,
-    log_normalizer: torch.Tensor,
-    tokens: torch.Tensor,
-    sample_rows: torch.Tensor,
-    metadata: SamplingMetadata,
+def _split_output(
+    int_list: list, float_list: list, num_draws: int, k: int, metadata: SamplingMetadata
 ) -> SamplerOutput:
-    """Raw log-probabilities of the sampled and top tokens, moved to the host in one go per dtype."""
-    sampled_logprobs = logits[sample_rows, tokens] - log_normalizer[sample_rows]
-    k = min(max(metadata.num_logprobs, default=0), logits.shape[-1])
-    ints, floats = tokens, sampled_logprobs
-    if k:
-        top = logits.topk(k, dim=-1)
-        ints = torch.cat([tokens, top.indices.flatten()])
-        floats = torch.cat([sampled_logprobs, (top.values - log_normalizer.unsqueeze(1)).flatten()])
-    int_list, float_list = ints.tolist(), floats.tolist()
-    num_draws = tokens.shape[0]
+    """Cut the host lists of `DeviceSample` into per-row tokens, log-probabilities and top-k."""
     starts = list(itertools.accumulate(metadata.num_samples, initial=0))
     spans = list(itertools.pairwise(starts))
     top_logprobs: list[TopLogprobs | None] = [

@@ -12,6 +12,7 @@ and their grids depend only on the bucket and the block table's fixed width.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +100,9 @@ class DecodeGraphs:
         self.buffers = DecodeBuffers.allocate(max_batch, max_blocks_per_seq, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._bucket_of = np.searchsorted(np.array(self.buckets), np.arange(max_batch + 1))
+        # Steps are queued ahead of the host, so the pinned mirrors may only be refilled once the
+        # device has copied the previous step's inputs out of them.
+        self._pinned_free = torch.cuda.Event()
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -131,12 +135,16 @@ class DecodeGraphs:
         return batch <= self.max_batch and bool(self.graphs)
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, context_lens: np.ndarray,
-            block_tables: np.ndarray) -> torch.Tensor:
+            block_tables: np.ndarray, fix_input_ids: Callable[[torch.Tensor], None]) -> torch.Tensor:
         """Replay the bucket's graph for a decode step of len(input_ids) rows; logits [rows, vocab].
-        The caller synchronises before the next step, so the pinned mirrors are free to refill."""
+        `fix_input_ids` may rewrite the device input ids before the replay (tokens still being sampled
+        by the previous step)."""
         rows = len(input_ids)
         bucket = self.buckets[self._bucket_of[rows]]
+        self._pinned_free.synchronize()  # the previous step's copies out of the pinned mirrors are done
         self.buffers.load(input_ids, positions, slot_mapping, context_lens, block_tables, bucket)
+        self._pinned_free.record()
+        fix_input_ids(self.buffers.input_ids[:rows])
         self.graphs[bucket].replay()
         assert self.buffers.logits is not None
         return self.buffers.logits[:rows]

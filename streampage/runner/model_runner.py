@@ -18,7 +18,7 @@ import torch
 
 from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.llama import LlamaForCausalLM
-from streampage.model.sampler import SamplingMetadata, sample
+from streampage.model.sampler import DeviceSample, SamplingMetadata, sample_on_device
 from streampage.runner.block_table_mirror import BlockTableMirror
 from streampage.runner.cache_engine import CacheEngine
 from streampage.runner.cuda_graphs import DecodeGraphs
@@ -41,6 +41,17 @@ class StepInputs:
     sample_rows: list[int]  # rows whose last token is sampled
     max_query_len: int
     is_decode: bool
+    # Tokens the previous step is still sampling (the engine schedules ahead): their indices in
+    # input_ids, and where each one lies in that step's sampled-token tensor on the device.
+    placeholders: np.ndarray
+    placeholder_sources: np.ndarray
+
+
+@dataclass
+class LaunchedStep:
+    num_rows: int
+    sample_rows: list[int]
+    sampled: DeviceSample | None
 
 
 class ModelRunner:
@@ -56,6 +67,8 @@ class ModelRunner:
         self.mirror = BlockTableMirror(max_blocks_per_seq)
         self._metadata_key: list | None = None  # the rows' requests when the cached metadata was built
         self._metadata: SamplingMetadata | None = None
+        self._prev_tokens = torch.empty(0, dtype=torch.int64, device=device)  # the last step's draws
+        self._prev_draw_of: dict[int, int] = {}  # seq_id -> its draw in _prev_tokens
         # Host seconds per phase, for benchmarks; "gpu_wait" is time blocked on the device (in "sample").
         self.timing = dict.fromkeys(("prepare", "launch", "sample", "gpu_wait"), 0.0)
         model.bind_kv_cache(cache.gpu_pool)
@@ -65,25 +78,49 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, max_batch, self.mirror.table.shape[1], self.device)
         self.graphs.capture()
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Queue one step on the device (cache moves, forward, sampling) without waiting for it."""
         for request_id in out.finished_request_ids:
             self.generators.pop(request_id, None)
         self.cache.swap_out(out.blocks_to_swap_out)
         self.cache.swap_in(out.blocks_to_swap_in)
         self.cache.copy(out.blocks_to_copy)
         if not out.seqs:
-            return []
+            return LaunchedStep(0, [], None)
         start = time.perf_counter()
         inputs = self.prepare_inputs(out)
         prepared = time.perf_counter()
-        logits = self.forward(inputs)  # launched, not waited for: sampling set-up overlaps it
+        logits = self.forward(inputs)
         launched = time.perf_counter()
-        results = self.sample(out, inputs.sample_rows, logits)
+        sampled = None
+        if inputs.sample_rows:
+            metadata = self._sampling_metadata(out, inputs.sample_rows)
+            sampled = sample_on_device(logits, metadata)
+            if max(metadata.num_samples) == 1:  # the next step may read these tokens as its inputs
+                self._prev_tokens = sampled.tokens
+                self._prev_draw_of = {out.seqs[row].seq_id: i for i, row in enumerate(inputs.sample_rows)}
         timing = self.timing
         timing["prepare"] += prepared - start
         timing["launch"] += launched - prepared
         timing["sample"] += time.perf_counter() - launched
+        return LaunchedStep(len(out.seqs), inputs.sample_rows, sampled)
+
+    def collect(self, step: LaunchedStep) -> list[RowResult | None]:
+        """Wait for a launched step and hand back what it sampled, per row."""
+        results: list[RowResult | None] = [None] * step.num_rows
+        if step.sampled is None:
+            return results
+        start = time.perf_counter()
+        sampled = step.sampled.to_host()
+        self.timing["gpu_wait"] += time.perf_counter() - start
+        for i, row in enumerate(step.sample_rows):
+            top = sampled.top_logprobs[i]
+            results[row] = RowResult(sampled.token_ids[i], sampled.logprobs[i],
+                                     None if top is None else (top.token_ids, top.logprobs))
         return results
 
     def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
@@ -114,15 +151,18 @@ class ModelRunner:
             positions % block_size)
         query_start_loc = np.zeros(num_rows + 1, dtype=np.int32)
         np.cumsum(counts, out=query_start_loc[1:])
+        placeholders = np.flatnonzero(input_ids < 0)
+        sources = np.fromiter((self._prev_draw_of[seqs[row].seq_id] for row in row_of_token[placeholders].tolist()),
+                              dtype=np.int64, count=len(placeholders))
         return StepInputs(input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc,
-                          sample_rows, int(counts.max()), out.is_decode_only)
+                          sample_rows, int(counts.max()), out.is_decode_only, placeholders, sources)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the sampled rows' last tokens, [len(sample_rows), vocab] float32."""
         if inputs.is_decode and self.graphs is not None and self.graphs.fits(len(inputs.input_ids)):
             # Every decode row samples, so the graph's logits rows are the sampled rows.
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.context_lens,
-                                   inputs.block_tables)
+                                   inputs.block_tables, lambda ids: self._fill_placeholders(ids, inputs))
         device = self.device
         metadata = AttentionMetadata(
             slot_mapping=_to(inputs.slot_mapping, device),
@@ -132,30 +172,20 @@ class ModelRunner:
             max_query_len=inputs.max_query_len,
             is_decode=inputs.is_decode,
         )
+        input_ids = _to(inputs.input_ids, device)
+        self._fill_placeholders(input_ids, inputs)
         with forward_context(metadata):
-            hidden = self.model(_to(inputs.input_ids, device), _to(inputs.positions, device))
+            hidden = self.model(input_ids, _to(inputs.positions, device))
         if not inputs.sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         last_tokens = inputs.query_start_loc[1:][inputs.sample_rows].astype(np.int64) - 1
         return self.model.compute_logits(hidden[_to(last_tokens, device)])
 
-    def sample(self, out: SchedulerOutput, sample_rows: list[int], logits: torch.Tensor) -> list[RowResult | None]:
-        results: list[RowResult | None] = [None] * len(out.seqs)
-        if not sample_rows:
-            return results
-        metadata = self._sampling_metadata(out, sample_rows)
-        if self.device.type == "cuda":
-            # The sampler's results come back with a blocking copy anyway; waiting here first lets
-            # benchmarks tell host work from time spent waiting for the GPU.
-            start = time.perf_counter()
-            torch.cuda.current_stream(self.device).synchronize()
-            self.timing["gpu_wait"] += time.perf_counter() - start
-        sampled = sample(logits, metadata)
-        for i, row in enumerate(sample_rows):
-            top = sampled.top_logprobs[i]
-            results[row] = RowResult(sampled.token_ids[i], sampled.logprobs[i],
-                                     None if top is None else (top.token_ids, top.logprobs))
-        return results
+    def _fill_placeholders(self, input_ids: torch.Tensor, inputs: StepInputs) -> None:
+        """Put the previous step's sampled tokens, still on the device, where this step reads them."""
+        if len(inputs.placeholders):
+            index = _to(inputs.placeholders, self.device)
+            input_ids[index] = self._prev_tokens[_to(inputs.placeholder_sources, self.device)]
 
     def _sampling_metadata(self, out: SchedulerOutput, sample_rows: list[int]) -> SamplingMetadata:
         groups = out.groups if len(sample_rows) == len(out.groups) else [out.groups[r] for r in sample_rows]

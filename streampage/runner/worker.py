@@ -101,6 +101,10 @@ class Worker:
         wanted = self.config.scheduler.max_num_seqs * blocks_per_seq
         return max(blocks_per_seq + 1, min(wanted, CPU_POOL_BYTES // per_block))
 
-    def execute(self, out):
+    def launch(self, out):
         assert self.runner is not None, "load() first"
-        return self.runner.execute(out)
+        return self.runner.launch(out)
+
+    def collect(self, launched):
+        assert self.runner is not None, "load() first"
+        return self.runner.collect(launched)
