@@ -6,7 +6,7 @@ import pytest
 
 from streampage.engine.block_pool import BlockPool, OutOfBlocksError
 from streampage.engine.kv_cache import KVCacheManager
-from streampage.engine.request import Sequence
+from streampage.engine.request import Sequence, SeqStatus
 
 BS = 4
 
@@ -17,6 +17,7 @@ def make_kv(num_gpu: int = 16, num_cpu: int = 16, prefix: bool = True) -> KVCach
 
 def prefill(kv: KVCacheManager, seq: Sequence, copies: list | None = None) -> None:
     """Allocate and 'compute' the whole sequence as one step would."""
+    seq.status = SeqStatus.RUNNING
     hit = kv.find_prefix(seq) if seq.seq_id not in kv.block_tables else None
     computed = hit.num_blocks * BS if hit else seq.num_computed_tokens
     kv.allocate_slots(seq, seq.num_tokens - computed, copies if copies is not None else [], hit)
@@ -117,6 +118,7 @@ def test_fork_shares_blocks_and_copy_on_write_splits_the_partial_block():
     child = parent.fork()
     kv.fork(parent, child)
     table = kv.block_tables[parent.seq_id]
+    assert child.status is SeqStatus.RUNNING
     assert kv.block_tables[child.seq_id] == table
     assert all(kv.gpu.ref_counts[b] == 2 for b in table)
     copies: list = []

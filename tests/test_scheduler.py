@@ -265,6 +265,6 @@ class EngineMachine(RuleBasedStateMachine):
             run_to_end(self.engine)
 
 
-EngineMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
+EngineMachine.TestCase.settings = settings(max_examples=400, stateful_step_count=40, deadline=None,
                                            suppress_health_check=[HealthCheck.too_slow])
 test_engine_state_machine = EngineMachine.TestCase

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from streampage.engine.block_pool import ROOT_CONTENT_ID, BlockPool, CpuBlockPool
-from streampage.engine.request import Sequence
+from streampage.engine.request import Sequence, SeqStatus
 
 BlockPair = tuple[int, int]
 
@@ -135,8 +135,10 @@ class KVCacheManager:
     def commit_computed(self, seq: Sequence) -> None:
         """Register the sequence's blocks that are now full and computed in the prefix cache."""
         chain = self._chains.get(seq.seq_id)
-        if chain is None or not self.enable_prefix_caching:
-            return  # prefix caching is off, or the sequence holds no blocks now (preempted)
+        if chain is None or not self.enable_prefix_caching or seq.status is not SeqStatus.RUNNING:
+            # Prefix caching is off, or the sequence holds no GPU blocks now: preempted, or swapped
+            # out while its last step was in flight (its table then names CPU blocks).
+            return
         table = self.block_tables[seq.seq_id]
         size = self.block_size
         tokens = seq.token_ids
