@@ -78,6 +78,8 @@ class LLMEngine:
         self._pending: list[RequestDelta] = []  # endings decided between steps (aborts)
         self.async_scheduling = sched.async_scheduling
         self._inflight: tuple[SchedulerOutput, Any] | None = None  # launched, not yet processed
+        # Live requests whose steps may need their tokens on the host before the next schedule.
+        self._host_bound: set[str] = set()
         self._finished_ids: list[str] = []  # for the runner to drop per-request state
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -110,6 +112,8 @@ class LLMEngine:
             for seq in group.seqs:
                 seq.logprobs = []
         self.scheduler.add(group)
+        if _needs_host_between_steps(params):
+            self._host_bound.add(request_id)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Refuse what can never run, naming the limit (RequestRejected)."""
@@ -120,6 +124,7 @@ class LLMEngine:
         group = self.scheduler.abort(request_id)
         if group is None:
             return False
+        self._host_bound.discard(request_id)
         delta = self._delta(group)
         delta.finished = True
         delta.seqs = [SeqDelta(i, [], None, s.cumulative_logprob, "abort") for i, s in enumerate(group.seqs)
@@ -159,7 +164,7 @@ class LLMEngine:
         if previous is not None:
             deltas += self._process(previous[0], self.executor.collect(previous[1]))
         if launched is not None:
-            if self.async_scheduling and not _decides_next_batch(out):
+            if self.async_scheduling and not (self._host_bound and _decides_next_batch(out)):
                 self._inflight = (out, launched)
             else:
                 deltas += self._process(out, self.executor.collect(launched))
@@ -203,6 +208,12 @@ class LLMEngine:
             if group.params.use_beam_search:
                 del seq.token_ids[index:]  # beams are re-seated from the candidates
                 beam_rows.setdefault(group.request_id, []).append((seq, result))
+            elif seq.logprobs is None and len(result.token_ids) == 1:  # the common case, inline
+                token = result.token_ids[0]
+                self._record(seq, group.params, index, token, result.logprobs[0])
+                choice = 0 if group.seqs[0] is seq else group.seqs.index(seq)
+                entry[1].seqs.append(SeqDelta(choice, [token], None, seq.cumulative_logprob, seq.finish_reason,
+                                              seq.stop_reason))
             else:
                 self._append_sampled(group, seq, index, result, entry[1])
             if seq.status is not SeqStatus.FINISHED:
@@ -214,7 +225,7 @@ class LLMEngine:
         for group, delta in touched.values():
             if group.first_token_time is None:
                 group.first_token_time = delta.first_token_time = now
-            if not group.live_seqs():
+            if all(s.status is SeqStatus.FINISHED for s in group.seqs):
                 self._finish_group(group, delta)
             deltas.append(delta)
         return deltas
@@ -324,6 +335,7 @@ class LLMEngine:
 
     def _finish_group(self, group: SequenceGroup, delta: RequestDelta) -> None:
         self.scheduler.finish_group(group)
+        self._host_bound.discard(group.request_id)
         delta.finished = True
         self._finished_ids.append(group.request_id)
 
@@ -351,11 +363,20 @@ class LLMEngine:
         self.kv.check_invariants(running, swapped)
 
 
+def _has_penalties(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty) or params.repetition_penalty != 1.0
+
+
+def _needs_host_between_steps(params: SamplingParams) -> bool:
+    """Beam search re-seats beams, n > 1 forks after its first draw, and penalties read the outputs:
+    all need a step's tokens on the host before the next step is scheduled."""
+    return params.use_beam_search or params.n > 1 or _has_penalties(params)
+
+
 def _decides_next_batch(out: SchedulerOutput) -> bool:
     """Whether the host needs this step's tokens before it can schedule the next one."""
     for group in out.groups:
         params = group.params
-        if (params.use_beam_search or group.num_samples() > 1 or params.presence_penalty
-                or params.frequency_penalty or params.repetition_penalty != 1.0):
+        if params.use_beam_search or _has_penalties(params) or group.num_samples() > 1:
             return True
     return False
