@@ -1,10 +1,12 @@
 """Triton paged attention: `paged_decode` (split-KV + log-sum-exp merge) and `paged_prefill`.
 
 Semantics are those of `streampage.kernels.reference` (shapes in its docstring). Both kernels gather KV
-tiles of BLOCK_N tokens through the block table (one table entry per token, read one tile ahead and
-shared by K and V), keep the softmax online in fp32 and in base 2 (scores are scaled by
-scale * log2(e)), and compute pool offsets in int64. Query heads that share a KV head are packed into
-the rows of one tile (GQA), so each KV tile is loaded once for the whole group.
+tiles of BLOCK_N tokens through the block table (read one tile ahead and shared by K and V), keep the
+softmax online in fp32 and in base 2 (scores are scaled by scale * log2(e)), and compute pool offsets
+in int64. Decode computes each key's address from its own table entry and in-page row; prefill, whose
+tiles start at multiples of BLOCK_N, from the page's base (table entry times the page stride) plus an
+in-page offset fixed per tile position and computed once. Query heads that share a KV head are packed
+into the rows of one tile (GQA), so each KV tile is loaded once for the whole group.
 
 CUDA graphs: every launch depends only on tensor shapes and on values fixed at capture (split count,
 tile config). Per-step values (context lengths, block tables, query offsets) are read on the device.
@@ -41,17 +43,33 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class PrefillConfig:
     block_m: int  # query rows per program: (tokens of the chunk) x (query heads of one KV head)
-    block_n: int
+    block_n: int  # keys per iteration (any power of two: a tile is whole pages or lies in one page)
     num_warps: int
     num_stages: int
+    # Feed Q to the Q @ K^T MMA from registers rather than shared memory: spares shared-memory
+    # bandwidth when key tiles are narrow, costs BLOCK_M * head_dim * 2 / (32 * num_warps) bytes of
+    # registers per thread (the compiler may still reload Q from shared memory under pressure).
+    q_in_registers: bool = False
+    # Cap on registers per thread. 128 lets two 8-warp programs share an SM, so one's softmax runs
+    # while the other's MMAs do (Triton cannot overlap the two inside one program).
+    maxnreg: int | None = None
+
+    def shared_bytes(self, head_dim: int, itemsize: int) -> int:
+        """Shared memory of the tiles: Q plus num_stages K and V tiles in flight."""
+        return (self.block_m + 2 * self.num_stages * self.block_n) * head_dim * itemsize
 
     @staticmethod
-    def default(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
-        # 128 x 64 tiles, two warpgroups: the usual shape of a Hopper flash-attention forward. Wider
-        # heads and fp32 halve the tiles to stay within registers and shared memory.
+    def default(head_dim: int, dtype: torch.dtype, shared_limit: int | None = None) -> PrefillConfig:
+        """128 x 128 tiles, two warpgroups, three stages: the fewest instructions per FLOP that fit
+        in registers (254 a thread at d=128) and in an H100/H200's 227 KB of shared memory (224 KB);
+        smaller tiles where shared memory is short. Wider heads and fp32 take 64 x 64 tiles."""
         if head_dim > 128 or dtype == torch.float32:
             return PrefillConfig(64, 64, 4, 2)
-        return PrefillConfig(128, 64, 8, 3)
+        candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 3), PrefillConfig(64, 64, 4, 2))
+        for cfg in candidates:
+            if shared_limit is None or cfg.shared_bytes(head_dim, dtype.itemsize) <= shared_limit:
+                return cfg
+        return candidates[-1]
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,15 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def max_shared_memory(device: torch.device) -> int | None:
+    """Shared memory one program may opt into on a CUDA device; None elsewhere (no limit)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None)
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -285,42 +312,78 @@ def paged_decode(
 
 
 @triton.jit
-def _prefill_tiles(
-    q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, lo, hi, qk_scale,
-    stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Online-softmax update of (m, row_sum, acc) with keys lo..hi-1. Without CAUSAL every key is
-    visible to every row (and hi - lo is a whole number of tiles); with it, key j is visible to a row
-    iff j <= q_pos."""
-    dims = tl.arange(0, HEAD_DIM)
-    pages = _tile_pages(block_table, lo + tl.arange(0, BLOCK_N), hi, BLOCK_SIZE)  # one tile ahead
-    for tile_start in range(lo, hi, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
-        next_pages = _tile_pages(block_table, tokens + BLOCK_N, hi, BLOCK_SIZE)
-        in_page = tokens % BLOCK_SIZE
-        k_rows = pages * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h
-        v_rows = pages * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h
-        if CAUSAL:
-            valid = tokens < hi
-            k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+def _page_rows(block_table, tile_start, hi, stride_b, stride_t, BLOCK_SIZE: tl.constexpr,
+               BLOCK_N: tl.constexpr, WHOLE_TILES: tl.constexpr):
+    """Pool offset (64-bit, in elements) of the page that holds each key of the tile at tile_start (a
+    multiple of BLOCK_N), plus the key's in-page row when a tile lies inside one page. Table entries
+    of keys at or past hi are not read (their keys are never used); with WHOLE_TILES (hi a multiple
+    of BLOCK_N) a tile is wholly in or out, so one predicate covers it."""
+    # Page numbers and strides are non-negative: zero-extending them makes the offset a single
+    # 32x32->64-bit multiply.
+    if BLOCK_N >= BLOCK_SIZE:  # BLOCK_N // BLOCK_SIZE whole pages; the in-page row is loop-invariant
+        page_idx = tile_start // BLOCK_SIZE + tl.arange(0, BLOCK_N) // BLOCK_SIZE
+        if WHOLE_TILES:  # one uniform predicate (built as a tensor: the interpreter rejects scalar masks)
+            in_range = tl.zeros([BLOCK_N], tl.int32) + tile_start < hi
+            pages = tl.load(block_table + page_idx, mask=in_range, other=0)
         else:
-            k = tl.load(k_ptr + k_rows[:, None] + dims[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            pages = tl.load(block_table + page_idx, mask=page_idx * BLOCK_SIZE < hi, other=0)
+        return pages.to(tl.uint32).to(tl.uint64) * stride_b.to(tl.uint32).to(tl.uint64)
+    else:  # one page: a single table entry
+        page = tl.load(block_table + tile_start // BLOCK_SIZE, mask=tile_start < hi, other=0)
+        base = page.to(tl.uint32).to(tl.uint64) * stride_b.to(tl.uint32).to(tl.uint64) \
+            + (tile_start % BLOCK_SIZE) * stride_t
+        return tl.full([BLOCK_N], 0, tl.uint64) + base
+
+
+@triton.jit
+def _prefill_tiles(
+    q, m, row_sum, acc, k_ptr, v_ptr, block_table, slot_k, slot_v, q_pos, lo, hi, qk_scale,
+    stride_k_b, stride_k_t, stride_v_b, stride_v_t,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    SAME_KV_LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (m, row_sum, acc) with keys lo..hi-1 (lo a multiple of BLOCK_N).
+    Without CAUSAL every key is visible to every row and hi - lo is a whole number of tiles; with it,
+    key j is visible to a row iff j <= q_pos. slot_k / slot_v: the loop-invariant part of each key's
+    offset (its row inside a page and the KV head). m, and so the scores, are in base-2 units: the
+    softmax scale times log2(e) is applied inside the exp2 argument (one FMA per score)."""
+    dims = tl.arange(0, HEAD_DIM)
+    # Pages are looked up one tile ahead, so the next tile's addresses are known while this one
+    # computes and the pipeliner keeps K/V loads num_stages - 1 tiles ahead.
+    pages = _page_rows(block_table, lo, hi, stride_k_b, stride_k_t, BLOCK_SIZE, BLOCK_N, not CAUSAL)
+    if not SAME_KV_LAYOUT:
+        pages_v = _page_rows(block_table, lo, hi, stride_v_b, stride_v_t, BLOCK_SIZE, BLOCK_N, not CAUSAL)
+    for tile_start in range(lo, hi, BLOCK_N):
+        next_start = tile_start + BLOCK_N
+        next_pages = _page_rows(block_table, next_start, hi, stride_k_b, stride_k_t, BLOCK_SIZE, BLOCK_N,
+                                not CAUSAL)
+        k_off = (pages + slot_k)[:, None] + dims[None, :]
+        if SAME_KV_LAYOUT:
+            v_off = k_off
+        else:
+            next_pages_v = _page_rows(block_table, next_start, hi, stride_v_b, stride_v_t, BLOCK_SIZE,
+                                      BLOCK_N, not CAUSAL)
+            v_off = (pages_v + slot_v)[:, None] + dims[None, :]
+        if CAUSAL:
+            tokens = tile_start + tl.arange(0, BLOCK_N)
+            valid = tokens < hi
+            k = tl.load(k_ptr + k_off, mask=valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + k_off)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if CAUSAL:
             s = tl.where(tokens[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
+        # qk_scale > 0, so the row max of the scaled scores is the scaled row max.
+        m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        if CAUSAL:
-            v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptr + v_rows[:, None] + dims[None, :])
+        v = tl.load(v_ptr + v_off, mask=valid[:, None], other=0.0) if CAUSAL else tl.load(v_ptr + v_off)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
         pages = next_pages
+        if not SAME_KV_LAYOUT:
+            pages_v = next_pages_v
     return m, row_sum, acc
 
 
@@ -331,7 +394,8 @@ def _prefill_kernel(
     stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     stride_bt_s, stride_o_t, stride_o_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAME_KV_LAYOUT: tl.constexpr,
+    Q_IN_REGISTERS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
     kv_head = tl.program_id(0)
@@ -344,7 +408,8 @@ def _prefill_kernel(
         return
     context_len = tl.load(context_lens_ptr + seq)
 
-    # Row r is query token tile_token + r // GROUP_PAD and query head kv_head * GROUP + r % GROUP_PAD.
+    # Row r is query token tile_token + r // GROUP_PAD and query head kv_head * GROUP + r % GROUP_PAD:
+    # the group's heads of one token are adjacent in q, so the tile's query rows are few long runs.
     rows = tl.arange(0, BLOCK_M)
     row_token = tile_token + rows // GROUP_PAD
     row_head = kv_head * GROUP + rows % GROUP_PAD
@@ -353,8 +418,17 @@ def _prefill_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q_rows = (q_begin + row_token).to(tl.int64) * stride_q_t + row_head * stride_q_h
     q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_mask[:, None], other=0.0)
+    if Q_IN_REGISTERS:
+        # Triton feeds an MMA operand that comes straight from a load through shared memory and one
+        # that is computed from registers; this select (a no-op on values) makes Q computed.
+        q = tl.where(row_mask[:, None], q, 0.0)
     q = q.to(k_ptr.dtype.element_ty)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_s
+    # The part of a key's offset that is the same in every page: its row inside the page and the KV
+    # head (tiles start at multiples of BLOCK_N, so key i of a tile sits at row i % BLOCK_SIZE).
+    key_rows = tl.arange(0, BLOCK_N) % BLOCK_SIZE
+    slot_k = key_rows * stride_k_t + kv_head * stride_k_h
+    slot_v = key_rows * stride_v_t + kv_head * stride_v_h
 
     first_pos = context_len - q_len + tile_token
     last_pos = tl.minimum(first_pos + TOKENS, context_len) - 1
@@ -365,14 +439,14 @@ def _prefill_kernel(
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     m, row_sum, acc = _prefill_tiles(
-        q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, 0, full_end, qk_scale,
-        stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+        q, m, row_sum, acc, k_ptr, v_ptr, block_table, slot_k, slot_v, q_pos, 0, full_end, qk_scale,
+        stride_k_b, stride_k_t, stride_v_b, stride_v_t,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, SAME_KV_LAYOUT, DOT_PRECISION,
     )
     m, row_sum, acc = _prefill_tiles(
-        q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, full_end, last_pos + 1, qk_scale,
-        stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+        q, m, row_sum, acc, k_ptr, v_ptr, block_table, slot_k, slot_v, q_pos, full_end, last_pos + 1,
+        qk_scale, stride_k_b, stride_k_t, stride_v_b, stride_v_t,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, SAME_KV_LAYOUT, DOT_PRECISION,
     )
     result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
     o_rows = (q_begin + row_token).to(tl.int64) * stride_o_t + row_head * stride_o_h
@@ -393,12 +467,14 @@ def paged_prefill(
     """
     group, group_pad, head_dim = _check(q, k_cache, v_cache)
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    if block_size & (block_size - 1):  # key tiles are whole pages or lie inside one
+        raise ValueError(f"paged_prefill needs a power-of-two block size, got {block_size}")
     num_seqs = query_start_loc.shape[0] - 1
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0 or max_query_len <= 0:
         return out
-    cfg = config or PrefillConfig.default(head_dim, k_cache.dtype)
+    cfg = config or PrefillConfig.default(head_dim, k_cache.dtype, max_shared_memory(q.device))
     block_m = max(cfg.block_m, group_pad, 16)
     grid = (num_kv_heads, triton.cdiv(max_query_len, block_m // group_pad), num_seqs)
     _prefill_kernel[grid](
@@ -408,7 +484,8 @@ def paged_prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
+        Q_IN_REGISTERS=cfg.q_in_registers, DOT_PRECISION=_dot_precision(k_cache.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out

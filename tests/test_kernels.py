@@ -36,6 +36,9 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 # Small tiles so that tiny contexts still take several iterations, splits and masked tails.
 SMALL_DECODE = DecodeConfig(block_n=16, num_warps=4, num_stages=2)
 SMALL_PREFILL = PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+# Key tiles of several pages for blocks of 8-32 (one page at 64), Q fed from registers, a register cap
+# (ignored by the interpreter, exercised on a GPU).
+WIDE_PREFILL = PrefillConfig(block_m=32, block_n=64, num_warps=4, num_stages=2, q_in_registers=True, maxnreg=128)
 
 
 @dataclass
@@ -151,6 +154,7 @@ def test_decode_default_plan_and_strided_query() -> None:
     assert_matches(actual, expected, TOLERANCE[torch.float16], "decode, strided q")
 
 
+@pytest.mark.parametrize("config", [SMALL_PREFILL, WIDE_PREFILL], ids=["n16", "n64"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads"), LAYOUTS)
 @pytest.mark.parametrize(
@@ -163,12 +167,55 @@ def test_decode_default_plan_and_strided_query() -> None:
     ids=["prompts", "chunked", "mixed"],
 )
 def test_prefill_matches_reference(
-    block_size, head_dim, q_heads, kv_heads, dtype, context_lens, query_lens
+    block_size, head_dim, q_heads, kv_heads, dtype, context_lens, query_lens, config
 ) -> None:
     batch = build_batch(context_lens, query_lens, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
                         block_size=block_size, dtype=dtype)
-    actual, expected = run_prefill(batch, config=SMALL_PREFILL)
+    actual, expected = run_prefill(batch, config=config)
     assert_matches(actual, expected, TOLERANCE[dtype], f"prefill ctx={context_lens} q={query_lens}")
+
+
+# Every (block size, key tile) pair; GQA groups 1, 4 and 8 in turn.
+TILE_GEOMETRIES = [(bs, bn, (1, 4, 8)[i % 3])
+                   for i, (bs, bn) in enumerate((bs, bn) for bs in (8, 16, 32, 64) for bn in (16, 32, 64, 128))]
+
+
+@pytest.mark.parametrize(("block_size", "block_n", "group"), TILE_GEOMETRIES)
+def test_prefill_page_granular_tiles(block_size, block_n, group) -> None:
+    """Key tiles of one to sixteen whole pages, or a slice of one page: each tile's table entries are
+    read once per page. Ragged prompts, chunks over cached prefixes whose start is not tile- or
+    page-aligned, a decode row and an idle row, with key ranges ending mid-page and mid-tile."""
+    context_lens = [130, 77, 64, 9, 40, 0]
+    query_lens = [130, 30, 1, 9, 17, 0]
+    batch = build_batch(context_lens, query_lens, q_heads=2 * group, kv_heads=2, head_dim=32,
+                        block_size=block_size, dtype=torch.float32, seed=block_size + block_n + group)
+    config = PrefillConfig(block_m=max(16, 8 * group), block_n=block_n, num_warps=4, num_stages=2)
+    actual, expected = run_prefill(batch, config=config)
+    assert_matches(actual, expected, TOLERANCE[torch.float32], f"prefill block_size={block_size} {config}")
+
+
+def test_prefill_distinct_k_and_v_layouts() -> None:
+    """K and V pools with different strides (V a view into wider rows) take separate offsets."""
+    batch = build_batch([90, 33], [50, 33], q_heads=8, kv_heads=2, head_dim=32, block_size=16,
+                        dtype=torch.float32)
+    wide = torch.full((*batch.v_cache.shape[:3], 48), float("nan"), device=DEVICE)
+    wide[..., :32] = batch.v_cache
+    batch.v_cache = wide[..., :32]
+    assert batch.v_cache.stride() != batch.k_cache.stride()
+    actual, expected = run_prefill(batch, config=WIDE_PREFILL)
+    assert_matches(actual, expected, TOLERANCE[torch.float32], "prefill, V strides differ from K")
+
+
+def test_prefill_default_config() -> None:
+    """Largest tiles that fit the device's shared memory; 64 x 64 for wide heads and fp32."""
+    hopper, ampere, small = 227 * 1024, 163 * 1024, 99 * 1024
+    assert PrefillConfig.default(128, torch.bfloat16, hopper) == PrefillConfig(128, 128, 8, 3)
+    assert PrefillConfig.default(128, torch.float16, None) == PrefillConfig(128, 128, 8, 3)
+    assert PrefillConfig.default(128, torch.bfloat16, ampere) == PrefillConfig(128, 64, 8, 3)
+    assert PrefillConfig.default(128, torch.bfloat16, small) == PrefillConfig(64, 64, 4, 2)
+    assert PrefillConfig.default(64, torch.bfloat16, ampere) == PrefillConfig(128, 128, 8, 3)
+    assert PrefillConfig.default(256, torch.bfloat16, hopper) == PrefillConfig(64, 64, 4, 2)
+    assert PrefillConfig.default(128, torch.float32, hopper) == PrefillConfig(64, 64, 4, 2)
 
 
 def test_prefill_default_tiles_and_out() -> None:
@@ -246,3 +293,6 @@ def test_rejects_unsupported_shapes() -> None:
     with pytest.raises(ValueError, match="power of two"):
         kernels.paged_decode(batch.q[..., :24], batch.k_cache[..., :24], batch.v_cache[..., :24],
                              batch.block_tables, batch.context_lens, 1.0)
+    batch = build_batch([30], [30], q_heads=4, kv_heads=2, head_dim=32, block_size=24, dtype=torch.float32)
+    with pytest.raises(ValueError, match="power-of-two block size"):
+        run_prefill(batch)

@@ -11,6 +11,7 @@ import torch
 from test_kernels import TOLERANCE, assert_matches, build_batch, run_decode, run_prefill
 
 from streampage import kernels
+from streampage.bench.kernels import config_name, prefill_candidates
 from streampage.kernels import reference
 from streampage.kernels.paged_attention import DecodeWorkspace, decode_split_plan, num_sms
 
@@ -61,6 +62,21 @@ def test_prefill_matches_reference(
                         block_size=block_size, dtype=dtype, device="cuda")
     actual, expected = run_prefill(batch)
     assert_matches(actual, expected, TOLERANCE[dtype], f"prefill ctx={context_lens} q={query_lens}")
+
+
+@pytest.mark.parametrize("config", prefill_candidates(), ids=config_name)
+@pytest.mark.parametrize(
+    ("context_lens", "query_lens"),
+    [([2048, 1000, 17], [2048, 1000, 17]), ([3000, 2049, 700, 300], [500, 1, 129, 1])],
+    ids=["prompts", "chunked"],
+)
+def test_prefill_sweep_candidates(config, context_lens, query_lens) -> None:
+    """Every config `streampage bench kernels --prefill-sweep` times, on the Llama-3-8B shape in bf16,
+    including chunks over cached prefixes and decode rows (the sweep itself checks whole prompts)."""
+    batch = build_batch(context_lens, query_lens, q_heads=32, kv_heads=8, head_dim=128, block_size=16,
+                        dtype=torch.bfloat16, device="cuda")
+    actual, expected = run_prefill(batch, config=config)
+    assert_matches(actual, expected, TOLERANCE[torch.bfloat16], f"prefill {config_name(config)} ctx={context_lens}")
 
 
 @pytest.mark.parametrize("num_seqs", [8, 64])

@@ -5,8 +5,10 @@ heads: 32 q / 8 kv, d=128, bf16, block 16) with scattered and contiguous block t
 graph and launched eagerly, against the faster of SDPA with enable_gqa and SDPA on repeated KV, and
 PyTorch's paged FlexAttention where it runs; then `paged_prefill` against causal SDPA. Times are
 medians of many runs; decode input sets rotate so that no call finds its KV in L2 (prefill is compute
-bound and uses one). `--sweep` also tries tile configs and split counts (minutes) and prints the best
-per shape.
+bound and uses one). `--prefill-sweep` also times every candidate `PrefillConfig` (tile shapes, warps,
+stages, Q in registers, register caps) at each prefill shape, checks each against SDPA's output and
+prints a table with the best config per shape (about a minute more). `--sweep` does that and tries
+decode tile configs and split counts (minutes).
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from streampage.kernels.paged_attention import PrefillConfig
 
 DEVICE = "cuda"
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
@@ -41,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="FILE.json", help="write every number as JSON")
     parser.add_argument("--reps", type=int, default=15, help="timed samples per measurement (median)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compiles per shape)")
+    parser.add_argument("--prefill-sweep", action="store_true",
+                        help="also time every candidate prefill config at each prefill shape (about a minute)")
     parser.add_argument("--sweep", action="store_true",
-                        help="also sweep tile configs and split counts (several minutes)")
+                        help="also sweep decode tile configs and split counts, and prefill configs (minutes)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     print_prefill(results["prefill"])
     if args.sweep:
         results["sweep"] = sweep(min(args.reps, 7))
+    if args.sweep or args.prefill_sweep:
+        results["prefill_sweep"] = prefill_sweep(min(args.reps, 7), results["prefill"])
     results["seconds"] = round(time.perf_counter() - started, 1)
     if args.output:
         with open(args.output, "w") as f:
@@ -299,34 +308,47 @@ class PrefillInputs:
                                  self.lengths, self.tokens, HEAD_DIM**-0.5, out=self.out, **options)
 
 
-def bench_prefill(tokens: int, num_seqs: int, timer: Timer) -> dict[str, Any]:
-    inputs = PrefillInputs(tokens, num_seqs)
-    flops = 4 * HEAD_DIM * Q_HEADS * num_seqs * tokens * (tokens + 1) // 2  # causal QK^T and PV
-    row: dict[str, Any] = {"tokens": tokens, "seqs": num_seqs, "tflop": flops / 1e12}
-    row["paged_us"] = timer.graph([inputs.paged_call()])
+def sdpa_prefill_calls(inputs: PrefillInputs) -> dict[str, Callable[[], torch.Tensor]]:
+    """Causal SDPA on the same tokens laid out contiguously, with enable_gqa and on repeated KV; each
+    returns [seqs, q_heads, tokens, head_dim]."""
+    num_seqs, tokens = inputs.num_seqs, inputs.tokens
     q = inputs.q.view(num_seqs, tokens, Q_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
     k, v = _contiguous(inputs.k_cache, inputs.tables), _contiguous(inputs.v_cache, inputs.tables)
-    del inputs
     group = Q_HEADS // KV_HEADS
     sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True, scale=HEAD_DIM**-0.5)
-    variants = {
-        "enable_gqa": lambda: functools.partial(sdpa, q, k, v, enable_gqa=True),
-        "repeat_kv": lambda: functools.partial(sdpa, q, k.repeat_interleave(group, 1),
-                                               v.repeat_interleave(group, 1)),
+    return {
+        "enable_gqa": functools.partial(sdpa, q, k, v, enable_gqa=True),
+        "repeat_kv": functools.partial(sdpa, q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)),
     }
+
+
+def bench_prefill(tokens: int, num_seqs: int, timer: Timer) -> dict[str, Any]:
+    inputs = PrefillInputs(tokens, num_seqs)
+    row: dict[str, Any] = {"tokens": tokens, "seqs": num_seqs, "tflop": prefill_flops(tokens, num_seqs) / 1e12}
+    try:
+        row["paged_us"] = timer.graph([inputs.paged_call()])
+    except Exception as exc:  # a default that fails to compile or launch must not hide the rest of the run
+        row["paged_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    variants = sdpa_prefill_calls(inputs)
+    del inputs
     measured = {}
-    for variant, make_call in variants.items():
+    for variant, call in variants.items():
         try:
-            measured[variant] = timer.graph([make_call()])
+            measured[variant] = timer.graph([call])
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             row[f"sdpa_{variant}_error"] = str(exc).splitlines()[0]
     row.update({f"sdpa_{v}_us": us for v, us in measured.items()})
     if measured:
         best = min(measured, key=measured.__getitem__)
         row["sdpa_variant"], row["sdpa_us"] = best, measured[best]
-        row["throughput_vs_sdpa"] = row["sdpa_us"] / row["paged_us"]
+        if "paged_us" in row:
+            row["throughput_vs_sdpa"] = row["sdpa_us"] / row["paged_us"]
         row["bar"] = PREFILL_BAR
     return row
+
+
+def prefill_flops(tokens: int, num_seqs: int) -> int:
+    return 4 * HEAD_DIM * Q_HEADS * num_seqs * tokens * (tokens + 1) // 2  # causal QK^T and PV
 
 
 def print_decode(rows: list[dict[str, Any]], copy_tb_s: float) -> None:
@@ -365,10 +387,13 @@ def print_prefill(rows: list[dict[str, Any]]) -> None:
         sdpa, speed = r.get("sdpa_us"), r.get("throughput_vs_sdpa")
         verdict = "" if speed is None else (" ok" if speed >= PREFILL_BAR else " MISS")
         sdpa_tflops = None if sdpa is None else r["tflop"] / sdpa * 1e6
-        paged_tflops = r["tflop"] / r["paged_us"] * 1e6
-        print(f"{r['tokens']:>7} {r['seqs']:>4} | {r['paged_us']:>9.1f} {paged_tflops:>7.0f} | "
+        paged = r.get("paged_us")
+        paged_tflops = None if paged is None else r["tflop"] / paged * 1e6
+        print(f"{r['tokens']:>7} {r['seqs']:>4} | {_num(paged, 9)} {_num(paged_tflops, 7, 0)} | "
               f"{_num(sdpa, 9)} {_num(sdpa_tflops, 7, 0)} {r.get('sdpa_variant', 'n/a'):>10} | "
               f"{_num(speed, 6, 2)}{verdict}")
+        if "paged_error" in r:
+            print(f"{'':>12}   paged_error: {r['paged_error']}")
     print()
 
 
@@ -377,11 +402,11 @@ def _num(value: float | None, width: int = 7, digits: int = 1) -> str:
 
 
 def sweep(reps: int) -> dict[str, Any]:
-    """Tile configs x split counts for decode, tile configs for prefill; scattered tables, graph replay."""
-    from streampage.kernels import DecodeConfig, PrefillConfig
+    """Tile configs x split counts for decode; scattered tables, graph replay."""
+    from streampage.kernels import DecodeConfig
 
     timer = Timer(reps)
-    found: dict[str, Any] = {"decode": [], "prefill": []}
+    found: dict[str, Any] = {"decode": []}
     decode_configs = [DecodeConfig(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
     print("sweep: paged_decode, us per call (graph replay, scattered tables), best three per shape")
     for num_seqs, context in DECODE_SHAPES:
@@ -401,24 +426,101 @@ def sweep(reps: int) -> dict[str, Any]:
         found["decode"].append({"batch": num_seqs, "context": context, "results": timings})
         del inputs
         torch.cuda.empty_cache()
-
-    prefill_configs = [PrefillConfig(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8)
-                       for s in (2, 3, 4)]
-    print("sweep: paged_prefill, us per call (one sequence), best three per length")
-    for tokens in PREFILL_TOKENS:
-        inputs = PrefillInputs(tokens, 1)
-        timings = []
-        for cfg in prefill_configs:
-            try:
-                us = timer.graph([inputs.paged_call(config=cfg)])
-            except Exception as exc:  # out of shared memory or registers: skip the config
-                print(f"  {tokens} tokens {cfg}: {type(exc).__name__}")
-                continue
-            timings.append({"us": us, **dataclasses.asdict(cfg)})
-        timings.sort(key=lambda t: t["us"])
-        for t in timings[:3]:
-            print(f"  {tokens} tokens: {t}")
-        found["prefill"].append({"tokens": tokens, "results": timings})
-        del inputs
-        torch.cuda.empty_cache()
     return found
+
+
+def prefill_candidates() -> list[PrefillConfig]:
+    """The PrefillConfigs `--prefill-sweep` times (the default first). One program per SM: 128-row
+    tiles of 128 or 64 keys, two warpgroups. Two programs per SM (one's softmax overlapping the other's
+    MMAs): 64 x 64 tiles with one warpgroup, or 128-row tiles with two warpgroups capped at 128
+    registers a thread."""
+    from streampage.kernels import PrefillConfig
+
+    return [
+        PrefillConfig(128, 128, 8, 3),
+        PrefillConfig(128, 128, 8, 2),
+        PrefillConfig(128, 64, 8, 3),
+        PrefillConfig(128, 64, 8, 4),
+        PrefillConfig(128, 64, 8, 3, q_in_registers=True),
+        PrefillConfig(64, 64, 4, 3),
+        PrefillConfig(64, 64, 4, 2, q_in_registers=True),
+        PrefillConfig(64, 64, 4, 3, q_in_registers=True),
+        PrefillConfig(128, 64, 8, 2, maxnreg=128),
+        PrefillConfig(128, 32, 8, 3, maxnreg=128),
+        PrefillConfig(128, 32, 8, 4, maxnreg=128),
+    ]
+
+
+def config_name(cfg: PrefillConfig) -> str:
+    """Compact label of a PrefillConfig: '128x64 w8 s3', then ' qreg' and ' r128' where set."""
+    name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+    return name + (" qreg" if cfg.q_in_registers else "") + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
+
+
+def prefill_sweep(reps: int, baseline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every candidate config at every prefill shape (graph replay, scattered tables); each is checked
+    against SDPA's output first. `baseline`: the prefill rows of this run, for SDPA's times."""
+    timer = Timer(reps)
+    shapes = [(tokens, num_seqs) for tokens in PREFILL_TOKENS for num_seqs in (1, PREFILL_BATCH)]
+    sdpa_us = {(r["tokens"], r["seqs"]): r.get("sdpa_us") for r in baseline}
+    candidates = prefill_candidates()
+    found: list[dict[str, Any]] = []
+    for tokens, num_seqs in shapes:
+        inputs = PrefillInputs(tokens, num_seqs)
+        expected = sdpa_prefill_calls(inputs)["enable_gqa"]().transpose(1, 2).reshape(inputs.q.shape).float()
+        for cfg in candidates:
+            row: dict[str, Any] = {"tokens": tokens, "seqs": num_seqs, "config": config_name(cfg),
+                                   **dataclasses.asdict(cfg)}
+            call = inputs.paged_call(config=cfg)
+            try:
+                actual = call().float()
+                row["max_error"] = float(((actual - expected).abs() / (1 + expected.abs())).max())
+                row["us"] = timer.graph([call])
+            except Exception as exc:  # a config the compiler or the SM cannot fit is reported, not fatal
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if "us" in row and sdpa_us.get((tokens, num_seqs)):
+                row["throughput_vs_sdpa"] = sdpa_us[(tokens, num_seqs)] / row["us"]
+            found.append(row)
+        del inputs, expected
+        torch.cuda.empty_cache()
+    print_prefill_sweep(found, shapes, [config_name(c) for c in candidates])
+    return found
+
+
+# Largest |paged - SDPA| / (1 + |SDPA|) accepted from a bf16 config; beyond it the time is flagged.
+SWEEP_TOLERANCE = 2e-2
+
+
+def print_prefill_sweep(rows: list[dict[str, Any]], shapes: list[tuple[int, int]], names: list[str]) -> None:
+    print(f"prefill sweep: us per call (graph replay, scattered blocks) and throughput x SDPA; "
+          f"'!' = output off SDPA's by more than {SWEEP_TOLERANCE}, 'n/a' = failed to compile or launch")
+    cell = {(r["config"], r["tokens"], r["seqs"]): r for r in rows}
+    header = f"{'config':<20}" + "".join(f" | {f'{t} x{n}':>13}" for t, n in shapes)
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        line = f"{name:<20}"
+        for tokens, num_seqs in shapes:
+            r = cell[(name, tokens, num_seqs)]
+            if "us" not in r:
+                line += f" | {'n/a':>13}"
+                continue
+            flag = "!" if r["max_error"] > SWEEP_TOLERANCE else " "
+            line += f" | {r['us']:>7.1f} {_num(r.get('throughput_vs_sdpa'), 4, 2)}{flag}"
+        print(line)
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['config']} at {r['tokens']} x{r['seqs']}: {r['error']}")
+    print(f"best per shape (bar: >= {PREFILL_BAR}x SDPA):")
+    for tokens, num_seqs in shapes:
+        timed = [r for r in rows if (r["tokens"], r["seqs"]) == (tokens, num_seqs) and "us" in r
+                 and r["max_error"] <= SWEEP_TOLERANCE]
+        if not timed:
+            print(f"  {tokens:>5} x{num_seqs}: no config ran correctly")
+            continue
+        best = min(timed, key=lambda r: r["us"])
+        speed = best.get("throughput_vs_sdpa")
+        verdict = "" if speed is None else ("ok" if speed >= PREFILL_BAR else "MISS")
+        print(f"  {tokens:>5} x{num_seqs}: {best['config']:<20} {best['us']:>8.1f} us  "
+              f"{_num(speed, 4, 2)} x SDPA {verdict}")
+    print()
