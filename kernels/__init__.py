@@ -20,6 +20,10 @@ _EXPORTS = {
     "DecodeWorkspace": "paged_attention",
     "DecodeConfig": "paged_attention",
     "PrefillConfig": "paged_attention",
+    "rms_norm": "fused_ops",
+    "add_rms_norm_": "fused_ops",
+    "rotary_store_kv_": "fused_ops",
+    "silu_and_mul": "fused_ops",
 }
 
 __all__ = sorted(_EXPORTS)

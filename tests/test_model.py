@@ -11,9 +11,10 @@ import torch
 from checkpoints import FAMILIES, load_reference_model, make_checkpoint
 
 from streampage.distributed import TensorParallelState, init_tp
+from streampage.model import layers
 from streampage.model.demo import SHAPES
-from streampage.model.forward_context import AttentionMetadata, forward_context, get_attention_metadata
-from streampage.model.layers import Attention, rope_inv_freq
+from streampage.model.forward_context import AttentionMetadata, forward_context
+from streampage.model.layers import rope_inv_freq
 from streampage.model.llama import LlamaForCausalLM
 from streampage.model.loader import load_model
 
@@ -225,17 +226,16 @@ def test_two_ranks_compute_the_single_rank_logits(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (conftest)")
-def test_triton_attention_path_matches_transformers(tmp_path, monkeypatch):
-    """The CUDA branch of Attention (store_kvcache, paged_prefill, paged_decode from streampage.kernels),
-    run on CPU through the Triton interpreter: checks how the model calls the kernels."""
-    def triton_forward(self: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._forward_triton(q, k, v, get_attention_metadata())
-
-    monkeypatch.setattr(Attention, "forward", triton_forward)
-    path = make_checkpoint(tmp_path, "llama", num_hidden_layers=1)
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_triton_path_matches_transformers(tmp_path, monkeypatch, family):
+    """The CUDA path of the decoder (fused norms, q/k norm + rotary + K/V write, SiLU-and-mul, paged
+    prefill and decode from streampage.kernels), run on CPU through the Triton interpreter: checks how
+    the model calls the kernels, in place where they work in place."""
+    monkeypatch.setattr(layers, "use_triton", lambda x: True)
+    path = make_checkpoint(tmp_path, family, num_hidden_layers=2)
     model = load_model(path, progress=False).model
     prompt = random_tokens(11, model.spec.vocab_size, seed=9)
     kv = PagedKV(model, block_size=8)
-    logits = [run_step(model, kv, {0: prompt[:9]})[0]]
+    logits = [run_step(model, kv, {0: prompt[:5]})[0], run_step(model, kv, {0: prompt[5:9]})[0]]
     logits += [run_step(model, kv, {0: [token]})[0] for token in prompt[9:]]
     torch.testing.assert_close(torch.cat(logits), reference_logits(path, prompt), **TOLERANCE)

@@ -4,6 +4,12 @@ and LM head, RMSNorm, rotary embedding, SiLU-and-mul and paged attention.
 Every parameter carries `weight_loader(param, loaded, shard_id=None)` that copies this rank's shard out
 of the FULL checkpoint tensor, so tensor-parallel loading stays local to the layer that knows the split.
 With one rank every split is the whole tensor and every collective is the identity.
+
+Two paths compute the same thing. On CUDA (`use_triton`), RMSNorm, the residual add, Qwen3's q/k norm,
+rotary, the K/V write and SiLU-and-mul are fused Triton kernels (`streampage.kernels.fused_ops`), so a
+decoder layer is about ten launches, not forty-odd; the fused norms work in place on step temporaries.
+Elsewhere the plain PyTorch code below runs: it is the parity oracle against transformers, and each
+fused kernel rounds where it rounds.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ from streampage.model.forward_context import AttentionMetadata, get_attention_me
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], None]
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether layers take the fused Triton path for this tensor: on CUDA. Tests patch it to run that
+    path through the Triton interpreter on CPU."""
+    return x.is_cuda
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -193,12 +205,18 @@ class RMSNorm(nn.Module):
         self.weight = _parameter((size,), default_weight_loader, fill=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pre-norm residual step: returns (norm(x + residual), x + residual)."""
+        """The pre-norm residual step: returns (norm(x + residual), x + residual). The Triton path is one
+        kernel that overwrites x and residual with those results (the decoder passes step temporaries
+        that nothing else reads)."""
+        if use_triton(x):
+            return kernels.add_rms_norm_(x, residual, self.weight, self.eps)
         residual = x + residual
         return self(residual), residual
 
@@ -254,14 +272,17 @@ class SiluAndMul(nn.Module):
     """silu(gate) * up for the merged [T, 2 * I] gate/up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            return kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
 
 class Attention(nn.Module):
-    """Paged attention of this rank's heads: store the new K/V by slot mapping, then attend over the
-    block tables. `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) are bound by
-    the model runner before the first forward."""
+    """Rotary paged attention of this rank's heads: (Qwen3) RMSNorm of each q and k head, rotary
+    embedding of q and k, the new K/V stored by slot mapping, then attention over the block tables.
+    `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) are bound by the model
+    runner before the first forward."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
@@ -270,13 +291,20 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, num_heads, d], k/v [T, num_kv_heads, d] (v may be a strided view) -> [T, num_heads, d]."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None,
+    ) -> torch.Tensor:
+        """q [T, num_heads, d], k/v [T, num_kv_heads, d] as the QKV projection gives them (strided views;
+        the Triton path rotates q and k in place), cos/sin from `RotaryEmbedding` -> [T, num_heads, d]."""
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("attention has no KV cache; the model runner binds one with bind_kv_cache")
         metadata = get_attention_metadata()
-        if q.is_cuda:
-            return self._forward_triton(q, k, v, metadata)
+        if use_triton(q):
+            return self._forward_triton(q, k, v, cos, sin, q_norm, k_norm, metadata)
+        if q_norm is not None and k_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         reference.store_kvcache(k, v, self.k_cache, self.v_cache, metadata.slot_mapping)
         if metadata.is_decode:
             return reference.paged_decode(
@@ -288,9 +316,16 @@ class Attention(nn.Module):
         )
 
     def _forward_triton(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        q_norm: RMSNorm | None, k_norm: RMSNorm | None, metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        kernels.store_kvcache(k, v, self.k_cache, self.v_cache, metadata.slot_mapping)
+        # Norms, rotary and the K/V write are one launch; attention then reads K/V from the pool only.
+        kernels.rotary_store_kv_(
+            q, k, v, cos, sin, self.k_cache, self.v_cache, metadata.slot_mapping,
+            q_norm_weight=None if q_norm is None else q_norm.weight,
+            k_norm_weight=None if k_norm is None else k_norm.weight,
+            eps=0.0 if q_norm is None else q_norm.eps,  # q_norm and k_norm share the model's rms_norm_eps
+        )
         if metadata.is_decode:
             return kernels.paged_decode(
                 q, self.k_cache, self.v_cache, metadata.block_tables, metadata.context_lens, scale=self.scale

@@ -25,7 +25,6 @@ from streampage.model.layers import (
     RowParallelLinear,
     SiluAndMul,
     VocabParallelEmbedding,
-    apply_rotary,
 )
 
 # Hugging Face architecture name -> family (the model_type of its config).
@@ -174,9 +173,7 @@ class LlamaAttention(nn.Module):
         d = self.attn.head_dim
         q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.split_sizes, dim=-1)
         q, k, v = q.unflatten(-1, (-1, d)), k.unflatten(-1, (-1, d)), v.unflatten(-1, (-1, d))
-        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per-head RMSNorm before rope
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+        out = self.attn(q, k, v, cos, sin, self.q_norm, self.k_norm)  # q/k norm (Qwen3) and rotary inside
         return self.o_proj(out.flatten(1))
 
 
@@ -204,7 +201,8 @@ class LlamaDecoderLayer(nn.Module):
         self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm block. The residual stream travels beside the block's output so that each norm adds
-        it in: returns (mlp output, residual), whose sum is the block's output."""
+        it in: returns (mlp output, residual), whose sum is the block's output. On the fused (CUDA) path
+        the norms work in place: the `hidden` and `residual` passed in are overwritten."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
