@@ -46,6 +46,10 @@ class PrefillConfig:
     block_n: int  # keys per iteration (any power of two: a tile is whole pages or lies in one page)
     num_warps: int
     num_stages: int
+    # Keys per iteration on the masked tiles at the diagonal (at most block_n; a power of two). The
+    # diagonal run of a 32-token tile is 32-160 keys long: 64-key steps compute fewer keys above the
+    # diagonal than one 128-key step, and each costs half.
+    block_n_diag: int = 64
     # Feed Q to the Q @ K^T MMA from registers rather than shared memory: spares shared-memory
     # bandwidth when key tiles are narrow, costs BLOCK_M * head_dim * 2 / (32 * num_warps) bytes of
     # registers per thread (the compiler may still reload Q from shared memory under pressure).
@@ -61,7 +65,7 @@ class PrefillConfig:
     @staticmethod
     def default(head_dim: int, dtype: torch.dtype, shared_limit: int | None = None) -> PrefillConfig:
         """128 x 128 tiles, two warpgroups, three stages: the fewest instructions per FLOP that fit
-        in registers (254 a thread at d=128) and in an H100/H200's 227 KB of shared memory (224 KB);
+        in registers (236 a thread at d=128) and in an H100/H200's 227 KB of shared memory (224 KB);
         smaller tiles where shared memory is short. Wider heads and fp32 take 64 x 64 tiles."""
         if head_dim > 128 or dtype == torch.float32:
             return PrefillConfig(64, 64, 4, 2)
@@ -337,17 +341,21 @@ def _page_rows(block_table, tile_start, hi, stride_b, stride_t, BLOCK_SIZE: tl.c
 
 @triton.jit
 def _prefill_tiles(
-    q, m, row_sum, acc, k_ptr, v_ptr, block_table, slot_k, slot_v, q_pos, lo, hi, qk_scale,
-    stride_k_b, stride_k_t, stride_v_b, stride_v_t,
+    q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, lo, hi, qk_scale,
+    stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     SAME_KV_LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of (m, row_sum, acc) with keys lo..hi-1 (lo a multiple of BLOCK_N).
     Without CAUSAL every key is visible to every row and hi - lo is a whole number of tiles; with it,
-    key j is visible to a row iff j <= q_pos. slot_k / slot_v: the loop-invariant part of each key's
-    offset (its row inside a page and the KV head). m, and so the scores, are in base-2 units: the
-    softmax scale times log2(e) is applied inside the exp2 argument (one FMA per score)."""
+    key j is visible to a row iff j <= q_pos. m, and so the scores, are in base-2 units: the softmax
+    scale times log2(e) is applied inside the exp2 argument (one FMA per score)."""
     dims = tl.arange(0, HEAD_DIM)
+    # The part of a key's offset that is the same in every tile: its row inside its page and the KV
+    # head (tiles start at multiples of BLOCK_N, so key i of a tile sits at row i % BLOCK_SIZE).
+    key_rows = tl.arange(0, BLOCK_N) % BLOCK_SIZE
+    slot_k = key_rows * stride_k_t + kv_head * stride_k_h
+    slot_v = key_rows * stride_v_t + kv_head * stride_v_h
     # Pages are looked up one tile ahead, so the next tile's addresses are known while this one
     # computes and the pipeliner keeps K/V loads num_stages - 1 tiles ahead.
     pages = _page_rows(block_table, lo, hi, stride_k_b, stride_k_t, BLOCK_SIZE, BLOCK_N, not CAUSAL)
@@ -394,7 +402,7 @@ def _prefill_kernel(
     stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     stride_bt_s, stride_o_t, stride_o_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAME_KV_LAYOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_DIAG: tl.constexpr, SAME_KV_LAYOUT: tl.constexpr,
     Q_IN_REGISTERS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
@@ -424,29 +432,25 @@ def _prefill_kernel(
         q = tl.where(row_mask[:, None], q, 0.0)
     q = q.to(k_ptr.dtype.element_ty)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_s
-    # The part of a key's offset that is the same in every page: its row inside the page and the KV
-    # head (tiles start at multiples of BLOCK_N, so key i of a tile sits at row i % BLOCK_SIZE).
-    key_rows = tl.arange(0, BLOCK_N) % BLOCK_SIZE
-    slot_k = key_rows * stride_k_t + kv_head * stride_k_h
-    slot_v = key_rows * stride_v_t + kv_head * stride_v_h
 
     first_pos = context_len - q_len + tile_token
     last_pos = tl.minimum(first_pos + TOKENS, context_len) - 1
-    # Keys below full_end (whole tiles) are visible to every row; the rest, up to last_pos, are masked.
-    # Every row sees key 0, so after the first tile no row's running max is -inf.
+    # Keys below full_end (whole tiles) are visible to every row; the rest, up to last_pos, are masked,
+    # in narrower tiles (BLOCK_N_DIAG divides BLOCK_N): fewer keys above the diagonal are computed and
+    # thrown away. Every row sees key 0, so after the first tile no row's running max is -inf.
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     m, row_sum, acc = _prefill_tiles(
-        q, m, row_sum, acc, k_ptr, v_ptr, block_table, slot_k, slot_v, q_pos, 0, full_end, qk_scale,
-        stride_k_b, stride_k_t, stride_v_b, stride_v_t,
+        q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, 0, full_end, qk_scale,
+        stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
         HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, SAME_KV_LAYOUT, DOT_PRECISION,
     )
     m, row_sum, acc = _prefill_tiles(
-        q, m, row_sum, acc, k_ptr, v_ptr, block_table, slot_k, slot_v, q_pos, full_end, last_pos + 1,
-        qk_scale, stride_k_b, stride_k_t, stride_v_b, stride_v_t,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, SAME_KV_LAYOUT, DOT_PRECISION,
+        q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, full_end, last_pos + 1, qk_scale,
+        stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N_DIAG, True, SAME_KV_LAYOUT, DOT_PRECISION,
     )
     result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
     o_rows = (q_begin + row_token).to(tl.int64) * stride_o_t + row_head * stride_o_h
@@ -484,7 +488,8 @@ def paged_prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_N_DIAG=min(cfg.block_n, cfg.block_n_diag),
+        SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
         Q_IN_REGISTERS=cfg.q_in_registers, DOT_PRECISION=_dot_precision(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )

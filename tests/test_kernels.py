@@ -175,21 +175,24 @@ def test_prefill_matches_reference(
     assert_matches(actual, expected, TOLERANCE[dtype], f"prefill ctx={context_lens} q={query_lens}")
 
 
-# Every (block size, key tile) pair; GQA groups 1, 4 and 8 in turn.
-TILE_GEOMETRIES = [(bs, bn, (1, 4, 8)[i % 3])
+# Every (block size, key tile) pair; GQA groups 1, 4 and 8 in turn; diagonal tiles of 64 keys (or the
+# whole tile) and of 16.
+TILE_GEOMETRIES = [(bs, bn, (1, 4, 8)[i % 3], (64, 16)[i % 2])
                    for i, (bs, bn) in enumerate((bs, bn) for bs in (8, 16, 32, 64) for bn in (16, 32, 64, 128))]
 
 
-@pytest.mark.parametrize(("block_size", "block_n", "group"), TILE_GEOMETRIES)
-def test_prefill_page_granular_tiles(block_size, block_n, group) -> None:
-    """Key tiles of one to sixteen whole pages, or a slice of one page: each tile's table entries are
-    read once per page. Ragged prompts, chunks over cached prefixes whose start is not tile- or
-    page-aligned, a decode row and an idle row, with key ranges ending mid-page and mid-tile."""
+@pytest.mark.parametrize(("block_size", "block_n", "group", "block_n_diag"), TILE_GEOMETRIES)
+def test_prefill_page_granular_tiles(block_size, block_n, group, block_n_diag) -> None:
+    """Key tiles of one to sixteen whole pages, or a slice of one page, addressed page by page;
+    diagonal tiles narrower than the others. Ragged prompts, chunks over cached prefixes whose start
+    is not tile- or page-aligned, a decode row and an idle row, key ranges ending mid-page and
+    mid-tile."""
     context_lens = [130, 77, 64, 9, 40, 0]
     query_lens = [130, 30, 1, 9, 17, 0]
     batch = build_batch(context_lens, query_lens, q_heads=2 * group, kv_heads=2, head_dim=32,
                         block_size=block_size, dtype=torch.float32, seed=block_size + block_n + group)
-    config = PrefillConfig(block_m=max(16, 8 * group), block_n=block_n, num_warps=4, num_stages=2)
+    config = PrefillConfig(block_m=max(16, 8 * group), block_n=block_n, num_warps=4, num_stages=2,
+                           block_n_diag=block_n_diag)
     actual, expected = run_prefill(batch, config=config)
     assert_matches(actual, expected, TOLERANCE[torch.float32], f"prefill block_size={block_size} {config}")
 
