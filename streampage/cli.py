@@ -1,4 +1,4 @@
-"""`streampage serve | generate | bench | demo-model | loadtest`.
+"""`streampage serve | generate | bench | demo-model | loadtest | worker`.
 
 Every `--some-option` can also come from the environment as `STREAMPAGE_SOME_OPTION` (the systemd
 environment file uses this); a flag on the command line wins over the environment.
@@ -24,7 +24,11 @@ COMMANDS = {
     "generate": ("streampage.generate_cli", "print completions of prompts"),
     "demo-model": ("streampage.model.demo", "write the built-in demo checkpoint (or a shape for benches)"),
     "loadtest": ("loadtest.main", "drive a running server with concurrent streams"),
+    "worker": ("streampage.runner.tp_worker", "run a tensor-parallel rank > 0 (torchrun-style environment)"),
 }
+# Under torchrun every rank runs the same command: these run the engine on rank 0 only, and make every
+# other rank (RANK > 0) a tensor-parallel worker.
+RANK_ZERO_COMMANDS = ("serve", "generate")
 BENCHES = {
     "kv-memory": ("streampage.bench.kv_memory", "KV memory held by token states vs static reservation"),
     "scheduler": ("streampage.bench.scheduler", "CPU time of one decode step without a model"),
@@ -129,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     apply_environment_defaults(parser, dict(os.environ))
     args = parser.parse_args(argv)
-    result = importlib.import_module(args.module).run(args)
+    module = args.module
+    if args.command in RANK_ZERO_COMMANDS and "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0":
+        module = COMMANDS["worker"][0]
+    result = importlib.import_module(module).run(args)
     return int(result or 0)
 
 

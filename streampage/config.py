@@ -84,10 +84,15 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # Longest wait for another rank within a step (a collective or a control message) before the engine
+    # fails; a rank that exits is noticed at once. Start-up has its own, longer limit.
+    distributed_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ConfigError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ class LLM:
         self.tokenizer = load_tokenizer(self.info.model_dir)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """End the tensor-parallel ranks this LLM started (at exit otherwise); it cannot generate after."""
+        self.engine.shutdown()
+
     def generate(
         self, prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

@@ -6,7 +6,7 @@ import pytest
 
 from streampage.engine.block_pool import BlockPool, OutOfBlocksError
 from streampage.engine.kv_cache import KVCacheManager
-from streampage.engine.request import Sequence, SeqStatus
+from streampage.engine.request import SeqStatus, Sequence
 
 BS = 4
 

@@ -41,7 +41,11 @@ def run_to_end(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list]:
         for delta in engine.step():
             deltas.setdefault(delta.request_id, []).append(delta)
         engine.check_invariants()
-    assert not engine.has_unfinished_requests(), "requests never finished"
+    sched = engine.scheduler
+    assert not engine.has_unfinished_requests(), (
+        f"requests never finished: running {[(g.request_id, g.seqs) for g in sched.running]}, waiting "
+        f"{[(g.request_id, g.seqs) for g in sched.waiting]}, swapped {[g.request_id for g in sched.swapped]}, "
+        f"free blocks {engine.kv.num_free_blocks}")
     assert engine.kv.num_free_blocks == engine.kv.num_total_blocks
     assert engine.kv.cpu.num_free == engine.kv.cpu.num_blocks
     return deltas

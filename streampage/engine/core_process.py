@@ -78,9 +78,12 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
     try:
         conn.send(("status", "loading the model"))
         engine, info = LLMEngine.from_config(config)
-        conn.send(("ready", CoreInfo(info.model_dir, engine.limits, engine.kv.block_size, info.num_gpu_blocks,
-                                     info.num_cpu_blocks)))
-        _serve(engine, conn)
+        try:
+            conn.send(("ready", CoreInfo(info.model_dir, engine.limits, engine.kv.block_size, info.num_gpu_blocks,
+                                         info.num_cpu_blocks)))
+            _serve(engine, conn)
+        finally:
+            engine.shutdown()  # tensor-parallel ranks exit with the core
     except (EOFError, BrokenPipeError):
         return  # the front end is gone: nobody is left to serve
     except BaseException:
@@ -95,6 +98,7 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
     while True:
         busy = engine.has_unfinished_requests()
         if not busy and not conn.poll(HEARTBEAT_S):
+            engine.check_health()  # a tensor-parallel rank that dies while idle fails the core now
             conn.send(("idle", engine.stats()))
             continue
         accepted: list[tuple[str, int]] = []

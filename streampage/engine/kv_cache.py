@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from streampage.engine.block_pool import ROOT_CONTENT_ID, BlockPool, CpuBlockPool
-from streampage.engine.request import Sequence, SeqStatus
+from streampage.engine.request import SeqStatus, Sequence
 
 BlockPair = tuple[int, int]
 
@@ -168,6 +168,19 @@ class KVCacheManager:
     def num_blocks_to_swap(self, seqs: Iterable[Sequence]) -> int:
         """Distinct blocks the sequences hold (shared blocks move once)."""
         return len({b for s in seqs for b in self.block_tables[s.seq_id]})
+
+    def blocks_to_resume(self, seqs: list[Sequence], rows: list[tuple[Sequence, int]]) -> int:
+        """GPU blocks swapped-out sequences need to come back and run their next rows (sequence,
+        tokens): the shared blocks once, plus the blocks each row's new tokens open, plus one
+        copy-on-write block per row that writes into a block it shares."""
+        need = self.num_blocks_to_swap(seqs)
+        for seq, num_new_tokens in rows:
+            table = self.block_tables[seq.seq_id]
+            need += max(0, self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table))
+            index = seq.num_computed_tokens // self.block_size
+            if index < len(table) and self.cpu.ref_counts[table[index]] > 1:
+                need += 1
+        return need
 
     def swap_out(self, seqs: list[Sequence]) -> list[BlockPair]:
         """Move the sequences' blocks to CPU swap space, keeping sharing between them.

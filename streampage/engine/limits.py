@@ -17,6 +17,8 @@ class RequestLimits:
     block_size: int
     max_num_batched_tokens: int
     chunked_prefill: bool
+    num_cpu_blocks: int = 0
+    recompute_groups: bool = False  # the preemption policy recomputes multi-sequence requests
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -56,6 +58,11 @@ class RequestLimits:
         width = max(params.n, params.beam_width)
         need = (self.blocks_for(num_prompt + params.max_tokens)
                 + (width - 1) * (self.blocks_for(params.max_tokens) + 1))
+        if width > 1 and (self.recompute_groups or self.num_cpu_blocks < total):
+            # A multi-sequence request that may be recomputed (by policy, or because swap space
+            # smaller than the pool cannot hold it) comes back one sequence at a time, without
+            # sharing, and must then fit the pool unshared.
+            need = width * self.blocks_for(num_prompt + params.max_tokens)
         if need > total:
             raise RequestRejected("invalid_param", f"max_tokens={params.max_tokens} (x{width} sequences) needs {need} "
                                   f"KV blocks with this prompt; the pool has {total}", "max_tokens")

@@ -19,6 +19,7 @@ from streampage.engine.request import PLACEHOLDER, SeqStatus, Sequence, Sequence
 from streampage.engine.scheduler import Scheduler, SchedulerOutput
 from streampage.outputs import EngineStats, TokenLogprobs
 from streampage.runner.step_types import RowResult
+from streampage.runner.tp_executor import TensorParallelExecutor
 from streampage.runner.worker import Worker, WorkerInfo
 from streampage.sampling_params import SamplingParams
 
@@ -74,7 +75,8 @@ class LLMEngine:
                                  cache.enable_prefix_caching, cache.watermark)
         self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len)
         self.limits = RequestLimits(max_model_len, vocab_size, num_gpu_blocks, cache.block_size,
-                                    sched.max_num_batched_tokens, sched.enable_chunked_prefill)
+                                    sched.max_num_batched_tokens, sched.enable_chunked_prefill, num_cpu_blocks,
+                                    recompute_groups=sched.preemption_mode == "recompute")
         self._pending: list[RequestDelta] = []  # endings decided between steps (aborts)
         self.async_scheduling = sched.async_scheduling
         self._inflight: tuple[SchedulerOutput, Any] | None = None  # launched, not yet processed
@@ -89,14 +91,35 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> tuple[LLMEngine, WorkerInfo]:
-        """Load the model and size the pool on this process's device (tensor parallelism: rank 0)."""
-        worker = Worker(config)
-        info = worker.load()
+        """Load the model and size the pool: in this process at tensor_parallel_size 1, else with this
+        process as rank 0 of a tensor-parallel group (`runner/tp_executor.py`)."""
+        tp = config.parallel.tensor_parallel_size
+        executor = Worker(config) if tp == 1 else TensorParallelExecutor(config)
+        info = executor.load()
         config = config.with_max_model_len(info.max_model_len)
-        engine = cls(config, worker, num_gpu_blocks=info.num_gpu_blocks, num_cpu_blocks=info.num_cpu_blocks,
-                     max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids,
-                     vocab_size=info.vocab_size)
+        try:
+            engine = cls(config, executor, num_gpu_blocks=info.num_gpu_blocks, num_cpu_blocks=info.num_cpu_blocks,
+                         max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids,
+                         vocab_size=info.vocab_size)
+        except Exception:
+            if isinstance(executor, TensorParallelExecutor):
+                executor.shutdown()
+            raise
         return engine, info
+
+    # Executors with processes of their own (tensor parallelism) also have shutdown() and check_health().
+
+    def shutdown(self) -> None:
+        """Release what the executor holds outside this process; idempotent."""
+        shutdown = getattr(self.executor, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def check_health(self) -> None:
+        """Raise if the executor can no longer run steps (a tensor-parallel rank died or hung)."""
+        check = getattr(self.executor, "check_health", None)
+        if check is not None:
+            check()
 
     # ---- requests ----------------------------------------------------------------------------
 

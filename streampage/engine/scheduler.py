@@ -183,19 +183,20 @@ class Scheduler:
         return budget
 
     def _schedule_swapped(self, out: SchedulerOutput, prefill_budget: int) -> int:
+        whole_prompt = not self.config.enable_chunked_prefill
         while self.swapped:
             group = self.swapped[0]
             seqs = group.live_seqs()
-            # Room for the blocks coming back plus one fresh block per sequence to append into.
-            need = self.kv.num_blocks_to_swap(seqs) + len(seqs)
+            plan, left = self._plan_rows(group, prefill_budget, whole_prompt)
+            need = self.kv.blocks_to_resume(seqs, [(seq, n) for seq, n, _ in plan])
             if (self._seats + group.width > self.config.max_num_seqs
-                    or not self.kv.can_allocate(need, keep_watermark=True)):
+                    or not self.kv.can_allocate(need, keep_watermark=bool(self.running))):
                 break
             self.swapped.pop(0)
             out.blocks_to_swap_in.extend(self.kv.swap_in(seqs))
             self._start_running(group)
-            plan, prefill_budget = self._plan_rows(group, prefill_budget, whole_prompt=False)
             self._allocate_rows(group, plan, out)
+            prefill_budget = left
         return prefill_budget
 
     def _schedule_waiting(self, out: SchedulerOutput, prefill_budget: int) -> None:
@@ -271,7 +272,7 @@ class Scheduler:
         if group in out.groups:  # scheduled by the allocation-free first pass: drop its rows
             out.remove_rows_of(group)
         seqs = group.live_seqs()
-        if self._use_swap(group) and self.kv.cpu.num_free >= self.kv.num_blocks_to_swap(seqs):
+        if self._choose_swap(group, seqs):
             out.blocks_to_swap_out.extend(self.kv.swap_out(seqs))
             group.status = SeqStatus.SWAPPED
             for seq in seqs:
@@ -285,11 +286,20 @@ class Scheduler:
         group.status = SeqStatus.WAITING
         _insert_by_arrival(self.waiting, group)
 
-    def _use_swap(self, group: SequenceGroup) -> bool:
+    def _choose_swap(self, group: SequenceGroup, seqs: list[Sequence]) -> bool:
+        """Swap or recompute, by policy (auto: recompute a lone sequence, swap a group) - unless only
+        the other one can work. Recomputing loses the sharing between a group's sequences, so it
+        needs room for every sequence's own blocks; swapping needs CPU space for the shared ones.
+        Admission guarantees one of the two always fits (see RequestLimits)."""
         mode = self.config.preemption_mode
-        if mode == "auto":
-            return len(group.live_seqs()) > 1
-        return mode == "swap"
+        prefer_swap = mode == "swap" or (mode == "auto" and len(seqs) > 1)
+        tables = self.kv.block_tables
+        # A group still being recomputed has sequences without blocks: it is recomputed again.
+        can_swap = (all(s.seq_id in tables for s in seqs)
+                    and self.kv.cpu.num_free >= self.kv.num_blocks_to_swap(seqs))
+        unshared = sum(self.kv.blocks_for(len(s.token_ids)) for s in seqs)
+        can_recompute = unshared <= self.kv.num_total_blocks
+        return can_swap and (prefer_swap or not can_recompute)
 
 
 def _insert_by_arrival(queue: deque[SequenceGroup] | list[SequenceGroup], group: SequenceGroup) -> None:

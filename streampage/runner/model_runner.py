@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.llama import LlamaForCausalLM
 from streampage.model.sampler import DeviceSample, SamplingMetadata, sample_on_device
 from streampage.runner.block_table_mirror import BlockTableMirror
-from streampage.runner.cache_engine import CacheEngine
+from streampage.runner.cache_engine import BlockPairs, CacheEngine
 from streampage.runner.cuda_graphs import DecodeGraphs
 from streampage.runner.step_types import RowResult
 
@@ -45,6 +45,14 @@ class StepInputs:
     # input_ids, and where each one lies in that step's sampled-token tensor on the device.
     placeholders: np.ndarray
     placeholder_sources: np.ndarray
+
+
+class CacheMoves(NamedTuple):
+    """A step's block moves, run in this order before its forward."""
+
+    swap_out: BlockPairs  # (gpu, cpu)
+    swap_in: BlockPairs  # (cpu, gpu)
+    copy: BlockPairs  # (src, dst) copy-on-write
 
 
 @dataclass
@@ -86,15 +94,13 @@ class ModelRunner:
         """Queue one step on the device (cache moves, forward, sampling) without waiting for it."""
         for request_id in out.finished_request_ids:
             self.generators.pop(request_id, None)
-        self.cache.swap_out(out.blocks_to_swap_out)
-        self.cache.swap_in(out.blocks_to_swap_in)
-        self.cache.copy(out.blocks_to_copy)
-        if not out.seqs:
-            return LaunchedStep(0, [], None)
         start = time.perf_counter()
-        inputs = self.prepare_inputs(out)
+        inputs = self.prepare_inputs(out) if out.seqs else None
         prepared = time.perf_counter()
-        logits = self.forward(inputs)
+        moves = CacheMoves(out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy)
+        logits = self.execute_step(moves, inputs)
+        if inputs is None or logits is None:
+            return LaunchedStep(0, [], None)
         launched = time.perf_counter()
         sampled = None
         if inputs.sample_rows:
@@ -157,6 +163,14 @@ class ModelRunner:
         return StepInputs(input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc,
                           sample_rows, int(counts.max()), out.is_decode_only, placeholders, sources)
 
+    def execute_step(self, moves: CacheMoves, inputs: StepInputs | None) -> torch.Tensor | None:
+        """The part of a step every tensor-parallel rank runs alike: the block moves, then the forward.
+        Returns the sampled rows' logits, or None for a step without rows (swap-outs only)."""
+        self.cache.swap_out(moves.swap_out)
+        self.cache.swap_in(moves.swap_in)
+        self.cache.copy(moves.copy)
+        return None if inputs is None else self.forward(inputs)
+
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the sampled rows' last tokens, [len(sample_rows), vocab] float32."""
         if inputs.is_decode and self.graphs is not None and self.graphs.fits(len(inputs.input_ids)):
@@ -185,7 +199,11 @@ class ModelRunner:
         """Put the previous step's sampled tokens, still on the device, where this step reads them."""
         if len(inputs.placeholders):
             index = _to(inputs.placeholders, self.device)
-            input_ids[index] = self._prev_tokens[_to(inputs.placeholder_sources, self.device)]
+            input_ids[index] = self._placeholder_tokens(inputs)
+
+    def _placeholder_tokens(self, inputs: StepInputs) -> torch.Tensor:
+        """The placeholders' tokens, in order (tensor-parallel ranks take rank 0's)."""
+        return self._prev_tokens[_to(inputs.placeholder_sources, self.device)]
 
     def _sampling_metadata(self, out: SchedulerOutput, sample_rows: list[int]) -> SamplingMetadata:
         groups = out.groups if len(sample_rows) == len(out.groups) else [out.groups[r] for r in sample_rows]

@@ -4,6 +4,7 @@ runs steps. The engine core talks to rank 0's worker (directly at TP=1)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def resolve_max_model_len(config: EngineConfig, shape: ModelShape) -> int:
 
 
 class Worker:
+    # Tensor-parallel ranks (runner/tp_rank.py) build a runner that talks to the other ranks.
+    runner_type: Callable[..., ModelRunner] = ModelRunner
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.model.device)
@@ -79,8 +83,8 @@ class Worker:
             if self.device.type == "cpu":  # swapping host memory to host memory: keep it small
                 num_cpu_blocks = min(num_cpu_blocks, num_gpu_blocks)
         cache = CacheEngine(loaded.shape, block_size, num_gpu_blocks, num_cpu_blocks, dtype, self.device)
-        self.runner = ModelRunner(loaded.model, cache, block_size, list(loaded.shape.eos_token_ids), self.device,
-                                  max_blocks_per_seq=-(-max_model_len // block_size))
+        self.runner = self.runner_type(loaded.model, cache, block_size, list(loaded.shape.eos_token_ids),
+                                       self.device, max_blocks_per_seq=-(-max_model_len // block_size))
         if self.device.type == "cuda" and not config.runner.enforce_eager:
             max_batch = config.runner.max_graph_batch_size or config.scheduler.max_num_seqs
             self.runner.capture_graphs(min(max_batch, config.scheduler.max_num_seqs))
@@ -90,6 +94,7 @@ class Worker:
                           list(loaded.shape.eos_token_ids), loaded.shape.vocab_size)
 
     def _num_gpu_blocks(self, loaded: LoadedModel, max_model_len: int, dtype: torch.dtype) -> int:
+        """This rank's pool size (tensor-parallel ranks then agree on the smallest)."""
         cache = self.config.cache
         if cache.num_gpu_blocks is not None:
             return cache.num_gpu_blocks
