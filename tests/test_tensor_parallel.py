@@ -1,0 +1,284 @@
+"""Tensor parallelism end to end on the CPU: this process is rank 0 (scheduler, KV cache manager,
+sampler) and one spawned gloo rank replays each step from rank 0's control message. Two ranks give one
+rank's greedy tokens for every model family (split and replicated KV heads, prefix-cache hits, chunked
+and mixed steps, preemption by recompute and swap, beam search, copy-on-write); ranks started
+torchrun-style join the same way; a rank that dies or hangs fails the engine within seconds and no
+process is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from checkpoints import FAMILIES, make_checkpoint
+
+from streampage import LLM, SamplingParams
+from streampage.config import EngineConfig
+from streampage.distributed import Rendezvous, init_tensor_parallel, join_world, open_store, shutdown_tensor_parallel
+from streampage.engine import llm_engine
+from streampage.runner.model_runner import CacheMoves, StepInputs
+from streampage.runner.tp_control import Kind, decode, encode
+from streampage.runner.tp_executor import TensorParallelError, TensorParallelExecutor
+
+# A 96-token budget chunks the long prompts and mixes chunks with decodes; those steps' control messages
+# outgrow the frame sized by the step before (two broadcasts), decode steps fit one.
+PROMPTS = [[5, 17, 99, 3, 250, 41, 8, 77, 12], [300, 12, 44], list(range(20, 61)), list(range(3, 123))]
+ENGINE = {"dtype": "float32", "block_size": 8, "max_num_seqs": 8, "max_num_batched_tokens": 96}
+GREEDY = SamplingParams(max_tokens=6, temperature=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Each rank on one thread (the spawned rank inherits OMP_NUM_THREADS): two ranks share two cores."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tp"), "llama")
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [choice.token_ids for output in outputs for choice in output.outputs]
+
+
+def run(path: Path, tensor_parallel_size: int, **options) -> tuple[list[list[int]], list[int]]:
+    """Greedy tokens of PROMPTS, then of a prompt that extends PROMPTS[2] (a prefix-cache hit); the
+    cached-token count of that second request."""
+    llm = LLM(str(path), tensor_parallel_size=tensor_parallel_size, num_gpu_blocks=64, **ENGINE, **options)
+    try:
+        first = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        second = llm.generate([[*PROMPTS[2], 9, 9]], GREEDY, use_tqdm=False)
+        return token_ids(first) + token_ids(second), [o.num_cached_tokens for o in second]
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_rank_greedy_tokens_for_every_family(tmp_path):
+    cases = [(family, {}) for family in sorted(FAMILIES)] + [("qwen2", {"num_key_value_heads": 1})]
+    for family, overrides in cases:
+        path = make_checkpoint(tmp_path, family, **overrides)
+        expected, _ = run(path, 1)
+        got, cached = run(path, 2)
+        assert got == expected, (family, overrides)
+        assert cached == [40], family  # five full blocks of PROMPTS[2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_under_a_small_pool_gives_the_roomy_single_rank_tokens(llama, mode):
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    settings = {**ENGINE, "num_cpu_blocks": 64, "watermark": 0.0, "preemption_mode": mode}
+    roomy = LLM(str(llama), num_gpu_blocks=128, **settings)
+    expected = token_ids(roomy.generate(PROMPTS[:3], params, use_tqdm=False))
+    tight = LLM(str(llama), num_gpu_blocks=12, tensor_parallel_size=2, **settings)
+    try:
+        assert token_ids(tight.generate(PROMPTS[:3], params, use_tqdm=False)) == expected
+        assert tight.engine.scheduler.num_preemptions > 0
+        assert tight.engine.kv.num_free_blocks == 12
+    finally:
+        tight.shutdown()
+
+
+@pytest.mark.slow
+def test_beam_search_and_parallel_samples_copy_shared_blocks_on_every_rank(llama):
+    """Forked beams and choices share blocks; the first write to a shared partial block copies it on
+    every rank (copy-on-write pairs in the control message)."""
+    beams = SamplingParams(max_tokens=10, beam_width=3, n=2, temperature=0)
+    samples = SamplingParams(max_tokens=10, n=3, seed=5, ignore_eos=True)
+    single = LLM(str(llama), num_gpu_blocks=64, **ENGINE)
+    expected = token_ids(single.generate([PROMPTS[0]], beams, use_tqdm=False))
+    llm = LLM(str(llama), num_gpu_blocks=64, tensor_parallel_size=2, **ENGINE)
+    try:
+        assert token_ids(llm.generate([PROMPTS[0]], beams, use_tqdm=False)) == expected
+        sampled = token_ids(llm.generate([PROMPTS[1]], samples, use_tqdm=False))
+        assert [len(t) for t in sampled] == [10, 10, 10]
+        assert llm.engine.kv.num_free_blocks == 64
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.slow
+def test_ranks_launched_torchrun_style_join_rank_zero(llama, monkeypatch):
+    """RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment, as torchrun sets them: rank 0 hosts the
+    store at the given port; rank 1 runs the same `streampage generate` command and becomes a worker."""
+    expected, _ = run(llama, 1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    worker = subprocess.Popen([sys.executable, "-m", "streampage.cli", "generate", str(llama), "a prompt"],
+                              env={**os.environ, **env, "RANK": "1", "LOCAL_RANK": "1"})
+    try:
+        for name, value in {**env, "RANK": "0", "LOCAL_RANK": "0"}.items():
+            monkeypatch.setenv(name, value)
+        got, _ = run(llama, 2)
+        assert got == expected
+        assert worker.wait(timeout=30) == 0  # the shutdown message ends it cleanly
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def _start(path: Path, **options) -> tuple[LLM, subprocess.Popen]:
+    llm = LLM(str(path), num_gpu_blocks=64, tensor_parallel_size=2, **ENGINE, **options)
+    (rank1,) = llm.engine.executor.processes
+    return llm, rank1
+
+
+def _generate_until_it_fails(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        llm.generate(PROMPTS, params, use_tqdm=False)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_engine_within_seconds_and_leaves_no_process(llama):
+    llm, rank1 = _start(llama)
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(rank1.pid, signal.SIGKILL)
+
+    timer = threading.Timer(0.5, kill)
+    timer.start()
+    with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) was killed by SIGKILL"):
+        _generate_until_it_fails(llm)
+    assert time.monotonic() - killed_at[0] < 5
+    assert rank1.poll() == -signal.SIGKILL
+    assert not dist.is_initialized()  # the groups are gone: this process can start another engine
+    with pytest.raises(TensorParallelError, match="shut down"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm.shutdown()  # idempotent
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_engine_after_the_timeout_and_is_killed(llama):
+    llm, rank1 = _start(llama, distributed_timeout_s=3.0)
+    os.kill(rank1.pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        with pytest.raises(TensorParallelError, match="cannot continue"):
+            _generate_until_it_fails(llm)
+        assert time.monotonic() - start < 12  # a keepalive and then the step each wait out the timeout
+        assert rank1.poll() == -signal.SIGKILL
+    finally:
+        if rank1.poll() is None:
+            rank1.kill()
+        llm.shutdown()
+
+
+@pytest.mark.slow
+def test_spawned_ranks_exit_when_rank_zero_dies(llama):
+    script = (f"import os, time\nfrom streampage import LLM\n"
+              f"llm = LLM({str(llama)!r}, tensor_parallel_size=2, num_gpu_blocks=64, dtype='float32')\n"
+              "print(llm.engine.executor.processes[0].pid, flush=True)\ntime.sleep(600)\n")
+    rank0 = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        rank1 = int(rank0.stdout.readline())
+    finally:
+        rank0.kill()
+        rank0.wait()
+    deadline = time.monotonic() + 10
+    while _running(rank1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(rank1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow; its exit is what counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_step_overdue_on_the_device_aborts_the_device_group_and_fails():
+    """The monitor's CUDA watch, driven by hand without ranks: a step waiting on the device past the
+    timeout has the device group aborted (so NCCL kernels return), and the step then raises."""
+    executor = TensorParallelExecutor(EngineConfig.create(tensor_parallel_size=2, distributed_timeout_s=1.0,
+                                                          device="cpu"))
+    executor._busy_since = time.monotonic() - 2.0
+    executor._watch_device()
+    assert executor._device_aborted
+    with pytest.raises(TensorParallelError, match="waited on the device past the timeout"):
+        executor._watched(lambda: None)
+    with pytest.raises(TensorParallelError, match="shut down"):
+        executor.check_health()
+
+
+def test_step_messages_round_trip():
+    rng = np.random.default_rng(0)
+    inputs = StepInputs(
+        input_ids=np.array([5, -1, 7, 9, -1], dtype=np.int64), positions=rng.integers(0, 99, 5),
+        slot_mapping=np.array([3, 17, -1, 40, 41], dtype=np.int64),
+        block_tables=rng.integers(0, 50, (3, 7)).astype(np.int32), context_lens=np.array([4, 9, 2], dtype=np.int32),
+        query_start_loc=np.array([0, 2, 3, 5], dtype=np.int32), sample_rows=[0, 2], max_query_len=2,
+        is_decode=False, placeholders=np.array([1, 4]), placeholder_sources=np.array([0, 1]),
+    )
+    moves = CacheMoves([(1, 2), (3, 4)], [], [(5, 6)])
+    kind, got_moves, got = decode(encode(Kind.STEP, moves, inputs))
+    assert kind is Kind.STEP and got_moves == ([[1, 2], [3, 4]], [], [[5, 6]])
+    for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens", "query_start_loc",
+                 "placeholders"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(inputs, name))
+        assert getattr(got, name).dtype == getattr(inputs, name).dtype, name
+    assert (got.sample_rows, got.max_query_len, got.is_decode) == ([0, 2], 2, False)
+    assert decode(encode(Kind.STEP, CacheMoves([(8, 0)], [], []), None)) == (Kind.STEP, ([[8, 0]], [], []), None)
+    assert decode(encode(Kind.SHUTDOWN)) == (Kind.SHUTDOWN, None, None)
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nccl_device_group_of_one_carries_the_collectives():
+    """The plumbing on one GPU: the world group, then an NCCL device group that all-reduces, gathers and
+    broadcasts, and a clean tear-down."""
+    join_world(open_store(Rendezvous(0, 1, "127.0.0.1", 0)), 0, 1)
+    try:
+        state = init_tensor_parallel(torch.device("cuda"), timedelta(seconds=60))
+        x = torch.arange(4.0, device="cuda")
+        dist.all_reduce(x, group=state.device_group)
+        dist.broadcast(x, src=0, group=state.device_group)
+        shards = [torch.empty_like(x)]
+        dist.all_gather(shards, x, group=state.device_group)
+        assert shards[0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    finally:
+        shutdown_tensor_parallel()
+    assert not dist.is_initialized()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_engine_through_the_tensor_parallel_executor_matches_the_in_process_one(llama, monkeypatch):
+    """TensorParallelExecutor at world size 1 (NCCL device group, the rank's runner capturing CUDA graphs,
+    control messages and keepalives to nobody) gives the in-process engine's greedy tokens."""
+    options = {**ENGINE, "dtype": "bfloat16", "num_gpu_blocks": 64}
+    expected = token_ids(LLM(str(llama), **options).generate(PROMPTS, GREEDY, use_tqdm=False))
+    monkeypatch.setattr(llm_engine, "Worker", TensorParallelExecutor)
+    llm = LLM(str(llama), **options)
+    try:
+        assert isinstance(llm.engine.executor, TensorParallelExecutor)
+        assert llm.engine.executor.runner.graphs is not None
+        assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    finally:
+        llm.shutdown()
+    assert not dist.is_initialized()
