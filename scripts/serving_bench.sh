@@ -3,7 +3,7 @@
 # same workload (the serving bar). Usage: scripts/serving_bench.sh MODEL_OR_SHAPE OUT_DIR
 set -u
 MODEL=${1:-qwen3-0.6b}; OUT_DIR=${2:-/tmp/serving}; mkdir -p "$OUT_DIR"
-PROMPTS=512; CONC=256; IN=512; OUTLEN=256; PORT=8765
+PROMPTS=384; CONC=256; IN=512; OUTLEN=256; PORT=8765
 DIR=$(python3 -c "from streampage.bench.workloads import resolve_model; print(resolve_model('$MODEL'))")
 python3 -m streampage.cli serve "$DIR" --port $PORT --max-queued-requests 2048 --max-requests-per-connection 1024 \
     --max-queued-prompt-tokens 10000000 > "$OUT_DIR/server.log" 2>&1 &

@@ -224,10 +224,13 @@ def test_bf16_decoder_layer_fused_matches_pytorch(pytorch_layers, shape):
 
     pytorch_layers.setattr(layers, "use_triton", lambda x: x.is_cuda)
     actual = prefill_then_decode(layer, rotary, torch.bfloat16)
-    # outputs and K/V are O(1): a flipped bf16 rounding in a norm or rotation moves them far less
-    for got, want in zip(actual, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(pool, expected_pool, rtol=2e-2, atol=2e-2)
+    # Two bf16 pipelines that round at different points differ element-wise by a few ulps (an ulp
+    # is 1/64 at 2-4, so elementwise tolerances flake at large hidden sizes); the relative error of
+    # the whole tensor is the meaningful measure: bf16 operands land near 4e-3, a real bug near 1.
+    for got, want in [*zip(actual, expected, strict=True), (pool, expected_pool)]:
+        error = (got.float() - want.float()).norm() / want.float().norm()
+        assert error < 1e-2, f"relative error {error:.2e}"
+        assert torch.isfinite(got).all()
 
 
 @pytest.mark.gpu
