@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from fake_engine import FakeEngine
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -178,3 +183,35 @@ def parse_metrics(exposition: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+LOAD_TIMEOUT_S = 300
+
+
+async def start_serve(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """`streampage serve` on the demo model (CPU) in a subprocess; returns it once /readyz says 200."""
+    env = {**os.environ, "STREAMPAGE_DEMO_MODEL_DIR": str(tmp_path / "demo-model"),
+           "STREAMPAGE_DRAIN_TIMEOUT": "0.5"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streampage.cli", "serve", "--port", "0", "--device", "cpu",
+        "--num-gpu-blocks", "512", env=env, stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
+    log = []
+    async with asyncio.timeout(LOAD_TIMEOUT_S):
+        while (line := (await process.stderr.readline()).decode()):
+            log.append(line)
+            if found := re.search(r"listening on [\d.]+:(\d+)", line):
+                port = int(found.group(1))
+                break
+        else:
+            pytest.fail("streampage serve exited before listening:\n" + "".join(log))
+        asyncio.get_running_loop().create_task(_drain_pipe(process.stderr))
+        while (await http_get(port, "/readyz"))[0] != 200:
+            assert process.returncode is None, "streampage serve died while loading"
+            await asyncio.sleep(0.2)
+    return process, port
+
+
+async def _drain_pipe(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
