@@ -185,33 +185,28 @@ class KVCacheManager:
     def swap_out(self, seqs: list[Sequence]) -> list[BlockPair]:
         """Move the sequences' blocks to CPU swap space, keeping sharing between them.
         Returns (gpu, cpu) copies to run before the GPU blocks are reused."""
-        mapping: dict[int, int] = {}
-        for seq in seqs:
-            table = self.block_tables[seq.seq_id]
-            for i, gpu_block in enumerate(table):
-                cpu_block = mapping.get(gpu_block)
-                if cpu_block is None:
-                    cpu_block = mapping[gpu_block] = self.cpu.allocate()
-                else:
-                    self.cpu.incref(cpu_block)
-                self.gpu.decref(gpu_block)
-                table[i] = cpu_block
-        return list(mapping.items())
+        return self._move(seqs, self.gpu, self.cpu)
 
     def swap_in(self, seqs: list[Sequence]) -> list[BlockPair]:
         """Bring swapped sequences back into fresh GPU blocks. Returns (cpu, gpu) copies."""
+        self.rewritten.update(s.seq_id for s in seqs)
+        return self._move(seqs, self.cpu, self.gpu)
+
+    def _move(self, seqs: list[Sequence], source: BlockPool | CpuBlockPool,
+              target: BlockPool | CpuBlockPool) -> list[BlockPair]:
+        """Re-home the sequences' tables from one pool to the other; a block shared by several of them
+        moves once and stays shared."""
         mapping: dict[int, int] = {}
         for seq in seqs:
             table = self.block_tables[seq.seq_id]
-            for i, cpu_block in enumerate(table):
-                gpu_block = mapping.get(cpu_block)
-                if gpu_block is None:
-                    gpu_block = mapping[cpu_block] = self.gpu.allocate()
+            for i, block in enumerate(table):
+                moved = mapping.get(block)
+                if moved is None:
+                    moved = mapping[block] = target.allocate()
                 else:
-                    self.gpu.incref(gpu_block)
-                self.cpu.decref(cpu_block)
-                table[i] = gpu_block
-            self.rewritten.add(seq.seq_id)
+                    target.incref(moved)
+                source.decref(block)
+                table[i] = moved
         return list(mapping.items())
 
     def free_swapped(self, seq: Sequence) -> None:
