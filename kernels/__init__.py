@@ -1,8 +1,10 @@
-"""Paged KV-cache operations: Triton kernels for CUDA, PyTorch references for CPU and tests.
+"""Triton kernels for CUDA, with PyTorch references for CPU and tests.
 
-The attention layer calls `store_kvcache`, `paged_decode`, `paged_prefill` and `copy_blocks` on CUDA
-tensors and `streampage.kernels.reference` (same signatures, minus the tuning keywords) on CPU. The
-Triton modules load on first use, so importing this package costs nothing and works without CUDA.
+Paged KV-cache operations: `paged_decode`, `paged_prefill`, `copy_blocks` and `store_kvcache`, whose
+CPU twins (same signatures, minus the tuning keywords) are in `streampage.kernels.reference`. Fused
+decoder ops (`fused_ops.py`): RMSNorm with the residual add, q/k norm + rotary + K/V write, and
+SiLU-and-mul, whose CPU twins are the model layers' own PyTorch code. The Triton modules load on first
+use, so importing this package costs nothing and works without CUDA.
 """
 
 from __future__ import annotations
