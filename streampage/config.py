@@ -67,9 +67,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # tokens per step (decode tokens + prefill chunks)
     preemption_mode: PreemptionMode = "auto"  # auto: recompute single-sequence groups, swap the others
     enable_chunked_prefill: bool = True
-    # Schedule and launch step t+1 before reading step t's tokens. Off by default: on the H200 it
-    # trips a device-side index assert under load that blocking launches hide (a host/device race
-    # not yet found); CPU tests cover the logic in both modes.
+    # Schedule and launch step t+1 before reading step t's tokens. Off by default until re-measured
+    # on the H200: it tripped a device-side index assert there, traced to graph padding rows that
+    # kept a larger earlier step's placeholder ids (fixed in cuda_graphs.stage_decode_rows, not yet
+    # re-run on the GPU). CPU tests cover the logic in both modes.
     async_scheduling: bool = False
 
     def __post_init__(self) -> None:

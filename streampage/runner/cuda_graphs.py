@@ -75,20 +75,31 @@ class DecodeBuffers:
 
     def load(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
              context_lens: np.ndarray, block_tables: np.ndarray, bucket: int) -> None:
-        """Copy one step's inputs in; rows past the step up to the bucket are padding (write nowhere,
-        attend to nothing)."""
+        """Copy one step's inputs in; rows past the step up to the bucket are padding."""
         rows, width = block_tables.shape
-        tokens = self.host_token_rows.numpy()
-        tokens[0, :rows], tokens[1, :rows], tokens[2, :rows] = input_ids, positions, slot_mapping
-        tokens[2, rows:bucket] = -1
-        lens = self.host_context_lens.numpy()
-        lens[:rows], lens[rows:bucket] = context_lens, 0
+        stage_decode_rows(self.host_token_rows.numpy(), self.host_context_lens.numpy(), input_ids, positions,
+                          slot_mapping, context_lens, bucket)
         self.host_block_tables.numpy()[: rows * width] = block_tables.ravel()
-        self.token_rows[:, :bucket].copy_(self.host_token_rows[:, :bucket], non_blocking=True)
-        self.context_lens[:bucket].copy_(self.host_context_lens[:bucket], non_blocking=True)
+        # Whole rows: a contiguous pinned source keeps each copy asynchronous (a strided one is staged
+        # through pageable memory, which waits for the device).
+        self.token_rows.copy_(self.host_token_rows, non_blocking=True)
+        self.context_lens.copy_(self.host_context_lens, non_blocking=True)
         packed = self.block_tables_packed[: rows * width]
         packed.copy_(self.host_block_tables[: rows * width], non_blocking=True)
         self.block_tables[:rows, :width].copy_(packed.view(rows, width))
+
+
+def stage_decode_rows(tokens: np.ndarray, lens: np.ndarray, input_ids: np.ndarray, positions: np.ndarray,
+                      slot_mapping: np.ndarray, context_lens: np.ndarray, bucket: int) -> None:
+    """Fill the host mirrors of one decode step: `tokens` [3, max_batch] (input ids, positions, slots)
+    and `lens` [max_batch]. Padding rows up to the bucket read token 0 at position 0, write nowhere
+    and attend to nothing. Every padding field is rewritten each step: a stale value, such as a
+    placeholder id (-1) left by a larger earlier step, would index out of bounds inside the graph."""
+    rows = len(input_ids)
+    tokens[0, :rows], tokens[1, :rows], tokens[2, :rows] = input_ids, positions, slot_mapping
+    tokens[0:2, rows:bucket] = 0
+    tokens[2, rows:bucket] = -1
+    lens[:rows], lens[rows:bucket] = context_lens, 0
 
 
 class DecodeGraphs:
