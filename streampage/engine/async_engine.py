@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streampage.config import EngineConfig
-from streampage.engine.core_process import CoreInfo, start_core
+from streampage.engine.core_process import CoreInfo, decode_deltas, start_core
 from streampage.engine.output_processor import OutputProcessor
 from streampage.model.loader import load_tokenizer
 from streampage.outputs import EngineDeadError, EngineStats, RequestOutput, RequestRejected
@@ -172,7 +172,7 @@ class AsyncEngine:
         kind = message[0]
         if kind == "step":
             self._stats = message[2]
-            self._on_step(message[1])
+            self._on_step(decode_deltas(message[1]))
         elif kind == "accepted":
             for request_id, cached in message[1]:
                 stream = self._streams.get(request_id)
