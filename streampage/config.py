@@ -137,7 +137,3 @@ def option_names(concern: str) -> list[str]:
     """The flat option names owned by one concern of EngineConfig."""
     concern_type = {f.name: f.default_factory for f in fields(EngineConfig)}[concern]  # type: ignore[misc]
     return [f.name for f in fields(concern_type)]
-
-
-def all_option_names() -> list[str]:
-    return [name for f in fields(EngineConfig) for name in option_names(f.name)]

@@ -108,13 +108,6 @@ class BlockPool:
     def free_blocks_in_eviction_order(self) -> list[int]:
         return list(self._free)
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every registered prefix (used blocks keep their contents, just not their keys)."""
-        for block in self._cached.values():
-            self._key[block] = None
-        self._cached.clear()
-        self.num_cached_free = 0
-
 
 class CpuBlockPool:
     """Swap space: a plain free list with reference counts (sharing survives a swap round trip)."""

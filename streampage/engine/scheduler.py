@@ -127,10 +127,6 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.groups)
 
-    @property
-    def num_running_seqs(self) -> int:
-        return sum(len(g.live_seqs()) for g in self.running)
-
     # ---- the step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
