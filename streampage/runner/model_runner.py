@@ -76,7 +76,10 @@ class ModelRunner:
         self._metadata_key: list | None = None  # the rows' requests when the cached metadata was built
         self._metadata: SamplingMetadata | None = None
         self._prev_tokens = torch.empty(0, dtype=torch.int64, device=device)  # the last step's draws
-        self._prev_draw_of: dict[int, int] = {}  # seq_id -> its draw in _prev_tokens
+        # The last step's sampling rows (its sequences, their rows), read only when a step has
+        # placeholders (async scheduling): building a seq_id -> draw map every step would cost
+        # the synchronous path for nothing.
+        self._prev_rows: tuple[list, list[int]] = ([], [])
         # Host seconds per phase, for benchmarks; "gpu_wait" is time blocked on the device (in "sample").
         self.timing = dict.fromkeys(("prepare", "launch", "sample", "gpu_wait"), 0.0)
         model.bind_kv_cache(cache.gpu_pool)
@@ -108,7 +111,7 @@ class ModelRunner:
             sampled = sample_on_device(logits, metadata)
             if max(metadata.num_samples) == 1:  # the next step may read these tokens as its inputs
                 self._prev_tokens = sampled.tokens
-                self._prev_draw_of = {out.seqs[row].seq_id: i for i, row in enumerate(inputs.sample_rows)}
+                self._prev_rows = (out.seqs, inputs.sample_rows)
         timing = self.timing
         timing["prepare"] += prepared - start
         timing["launch"] += launched - prepared
@@ -158,8 +161,12 @@ class ModelRunner:
         query_start_loc = np.zeros(num_rows + 1, dtype=np.int32)
         np.cumsum(counts, out=query_start_loc[1:])
         placeholders = np.flatnonzero(input_ids < 0)
-        sources = np.fromiter((self._prev_draw_of[seqs[row].seq_id] for row in row_of_token[placeholders].tolist()),
-                              dtype=np.int64, count=len(placeholders))
+        sources = np.empty(0, dtype=np.int64)
+        if len(placeholders):
+            prev_seqs, prev_rows = self._prev_rows
+            draw_of = {prev_seqs[row].seq_id: i for i, row in enumerate(prev_rows)}
+            sources = np.fromiter((draw_of[seqs[row].seq_id] for row in row_of_token[placeholders].tolist()),
+                                  dtype=np.int64, count=len(placeholders))
         return StepInputs(input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc,
                           sample_rows, int(counts.max()), out.is_decode_only, placeholders, sources)
 
