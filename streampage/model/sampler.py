@@ -170,16 +170,38 @@ class SamplerOutput:
 
 @dataclass
 class DeviceSample:
-    """A step's draws still on the device: `tokens` [draws] can feed the next step directly; the rest
-    travels to the host (one transfer per dtype) when `to_host` is called."""
+    """A step's draws: `tokens` [draws] stays on the device to feed the next step directly; `ints`
+    (tokens, then every row's top-k ids) and `floats` (the draws' raw log-probabilities, then the
+    top-k values) are already on their way to the host.
+
+    The host copies are queued right behind the sampling kernels, into pinned memory, with an event
+    after them. A copy queued later, when the host asks for the results, would sit behind whatever
+    the host has queued since (with async scheduling: the whole next step), and `to_host` would wait
+    for that too."""
 
     tokens: torch.Tensor
-    ints: torch.Tensor  # tokens, then the top-k ids of every row
-    floats: torch.Tensor  # the sampled tokens' raw log-probabilities, then the top-k values
+    ints: torch.Tensor
+    floats: torch.Tensor
     k: int
     metadata: SamplingMetadata
+    copied: torch.cuda.Event | None = None
+
+    @classmethod
+    def start_copy(cls, tokens: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, k: int,
+                   metadata: SamplingMetadata) -> DeviceSample:
+        if not ints.is_cuda:
+            return cls(tokens, ints, floats, k, metadata)
+        host_ints = torch.empty(ints.shape, dtype=ints.dtype, pin_memory=True)
+        host_floats = torch.empty(floats.shape, dtype=floats.dtype, pin_memory=True)
+        host_ints.copy_(ints, non_blocking=True)
+        host_floats.copy_(floats, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(tokens, host_ints, host_floats, k, metadata, copied)
 
     def to_host(self) -> SamplerOutput:
+        if self.copied is not None:
+            self.copied.synchronize()
         return _split_output(self.ints.tolist(), self.floats.tolist(), self.tokens.shape[0], self.k, self.metadata)
 
 
@@ -201,7 +223,7 @@ def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata) -> Device
         top = logits.topk(k, dim=-1)
         ints = torch.cat([tokens, top.indices.flatten()])
         floats = torch.cat([sampled_logprobs, (top.values - log_normalizer.unsqueeze(1)).flatten()])
-    return DeviceSample(tokens, ints, floats, k, metadata)
+    return DeviceSample.start_copy(tokens, ints, floats, k, metadata)
 
 
 def _sample_rows(metadata: SamplingMetadata, device: torch.device) -> torch.Tensor:
