@@ -1,22 +1,18 @@
 #!/usr/bin/env bash
-# Session 2: verify the early D2H copy of sampled tokens (async scheduling overlap), re-measure
-# throughput, batch-1 latency and serving with async scheduling on, and profile decode steps.
+# Session 2, call 3: mixed-length decode split probe + cuBLAS GEMV efficiency, the kernel bench with
+# the prefill config sweep, and whether HF `transformers serve` can run here from carried wheels.
 set -u
 . scripts/gpu_setup.sh > $OUT/setup.log 2>&1
-timeout 90 python3 -m pytest -q -x tests/test_gpu_engine.py tests/test_fused_ops.py -m gpu > $OUT/tests.log 2>&1
-tail -1 $OUT/tests.log
-for mode in --async-scheduling --no-async-scheduling; do
-  timeout 60 python3 -m streampage.cli bench throughput --model qwen3-0.6b $mode > $OUT/throughput$mode.log 2>&1
-  grep -v "oading weights\|capturing" $OUT/throughput$mode.log | tail -2
-done
-timeout 80 python3 -m streampage.cli bench latency --model llama3.2-1b --batch-sizes 1,64,256 --async-scheduling \
-    --output $OUT/latency_1b.json > $OUT/latency_1b.log 2>&1
-grep -v "oading weights\|capturing" $OUT/latency_1b.log | tail -4
-timeout 100 python3 -m streampage.cli bench latency --model llama3-8b --batch-sizes 1,32 --async-scheduling \
-    --output $OUT/latency_8b.json > $OUT/latency_8b.log 2>&1
-grep -v "oading weights\|capturing" $OUT/latency_8b.log | tail -3
-timeout 60 python3 scripts/profile_decode.py llama3.2-1b 1 --async-scheduling > $OUT/profile_1b.log 2>&1
-timeout 60 python3 scripts/profile_decode.py qwen3-0.6b 256 --async-scheduling --temperature 0.6 > $OUT/profile_06b.log 2>&1
-grep "===" $OUT/profile_*.log
-STREAMPAGE_ASYNC_SCHEDULING=true timeout 150 bash scripts/serving_bench.sh qwen3-0.6b $OUT/serving > $OUT/serving.log 2>&1
-tail -1 $OUT/serving.log
+timeout 120 python3 scripts/probe_decode_gemm.py > $OUT/probe.log 2>&1; cat $OUT/probe.log
+( python3 -m pip install -q --no-index --no-deps --target /tmp/hfsite .whl/hfserve/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/hfsite
+  python3 -c "import aiohttp; print('aiohttp', aiohttp.__version__)"
+  python3 -c "import fastapi, uvicorn, openai, pydantic; print('serve deps import')"
+  T=$(python3 -c "import transformers,os;print(os.path.dirname(transformers.__file__))")
+  ls $T/cli $T/cli/serving $T/commands 2>/dev/null | tr '\n' ' '; echo
+  grep -rn '@app.post\|add_api_route\|"/v1' $T/cli $T/commands 2>/dev/null | head
+  grep -rn 'prompt.*must\|isinstance(prompt' $T/cli $T/commands 2>/dev/null | head -5
+  timeout 60 python3 -m transformers.cli.transformers serve --help 2>&1 | tail -40
+) > $OUT/hfserve_probe.log 2>&1
+timeout 330 python3 -m streampage.cli bench kernels --no-flex --prefill-sweep --output $OUT/kernels.json > $OUT/kernels.log 2>&1
+tail -45 $OUT/kernels.log

@@ -1,0 +1,81 @@
+"""GPU probes behind two design choices (prints two tables):
+
+1. paged_decode on mixed context lengths (uniform in [100, 2048], the nano-vllm workload's spread) at
+   batch 64/128/256 for split counts 1-8: does splitting balance long and short rows?
+2. bf16 x @ W^T at 1-8 rows for the Llama-3.2-1B and Llama-3-8B projection shapes: cuBLAS's share of
+   the copy bandwidth, i.e. what a hand-written GEMV could still win at batch 1.
+
+    python3 scripts/probe_decode_gemm.py
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from streampage.bench.kernels import BLOCK_SIZE, DTYPE, HEAD_DIM, KV_HEADS, Q_HEADS, Timer, copy_bandwidth
+from streampage.kernels import DecodeWorkspace, paged_decode
+
+GEMM_SHAPES = {  # name: (K, N)
+    "1b qkv": (2048, 3072), "1b o": (2048, 2048), "1b gate_up": (2048, 16384), "1b down": (8192, 2048),
+    "1b lm_head": (2048, 128256),
+    "8b qkv": (4096, 6144), "8b o": (4096, 4096), "8b gate_up": (4096, 28672), "8b down": (14336, 4096),
+    "8b lm_head": (4096, 128256),
+}
+
+
+def mixed_decode(timer: Timer, bandwidth: float) -> None:
+    print("paged_decode, contexts uniform in [100, 2048], scattered pages; us and share of copy bandwidth")
+    print(f"{'batch':>6} " + " ".join(f"{'splits ' + str(s):>16}" for s in (1, 2, 4, 8)))
+    generator = torch.Generator().manual_seed(0)
+    for batch in (64, 128, 256):
+        lengths = torch.randint(100, 2049, (batch,), generator=generator)
+        blocks_per_seq = -(-2048 // BLOCK_SIZE)
+        total_blocks = batch * blocks_per_seq
+        sets = 4
+        pools = [tuple(torch.randn(total_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+                       for _ in range(2)) for _ in range(sets)]
+        queries = [torch.randn(batch, Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda") for _ in range(sets)]
+        tables = torch.randperm(total_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
+        lens = lengths.to(torch.int32).cuda()
+        kv_bytes = 2 * int(lengths.sum()) * KV_HEADS * HEAD_DIM * 2
+        out = torch.empty_like(queries[0])
+        cells = []
+        for splits in (1, 2, 4, 8):
+            workspace = DecodeWorkspace.allocate(batch, Q_HEADS, HEAD_DIM, splits, "cuda")
+            calls = [functools.partial(paged_decode, q, k, v, tables, lens, HEAD_DIM**-0.5, out=out,
+                                       num_splits=splits, workspace=workspace)
+                     for q, (k, v) in zip(queries, pools, strict=True)]
+            us = timer.graph(calls)
+            cells.append(f"{us:8.1f} {kv_bytes / us / 1e6 / bandwidth:6.1%}")
+        print(f"{batch:>6} " + " ".join(f"{c:>16}" for c in cells))
+        del pools
+        torch.cuda.empty_cache()
+
+
+def gemm(timer: Timer, bandwidth: float) -> None:
+    print("\nbf16 F.linear, us and share of copy bandwidth (weight bytes / time)")
+    print(f"{'shape':>12} {'K':>6} {'N':>7} " + " ".join(f"{'rows ' + str(m):>16}" for m in (1, 2, 4, 8)))
+    for name, (k, n) in GEMM_SHAPES.items():
+        sets = max(1, min(8, (512 << 20) // (k * n * 2)))
+        weights = [torch.randn(n, k, dtype=DTYPE, device="cuda") for _ in range(sets)]
+        cells = []
+        for m in (1, 2, 4, 8):
+            x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+            us = timer.graph([functools.partial(F.linear, x, w) for w in weights])
+            cells.append(f"{us:8.2f} {k * n * 2 / us / 1e6 / bandwidth:6.1%}")
+        print(f"{name:>12} {k:>6} {n:>7} " + " ".join(f"{c:>16}" for c in cells))
+        del weights
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    timer = Timer(9)
+    bandwidth = copy_bandwidth(timer)
+    print(f"copy bandwidth {bandwidth:.2f} TB/s")
+    mixed_decode(timer, bandwidth)
+    gemm(timer, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
