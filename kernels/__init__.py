@@ -3,8 +3,10 @@
 Paged KV-cache operations: `paged_decode`, `paged_prefill`, `copy_blocks` and `store_kvcache`, whose
 CPU twins (same signatures, minus the tuning keywords) are in `streampage.kernels.reference`. Fused
 decoder ops (`fused_ops.py`): RMSNorm with the residual add, q/k norm + rotary + K/V write, and
-SiLU-and-mul, whose CPU twins are the model layers' own PyTorch code. The Triton modules load on first
-use, so importing this package costs nothing and works without CUDA.
+SiLU-and-mul, whose CPU twins are the model layers' own PyTorch code. `sample_tokens` (`sampling.py`):
+greedy and temperature sampling with raw log-probabilities in one pass over the logits, the fast path
+of `streampage.model.sampler`. The Triton modules load on first use, so importing this package costs
+nothing and works without CUDA.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ _EXPORTS = {
     "paged_decode": "paged_attention",
     "paged_prefill": "paged_attention",
     "decode_split_plan": "paged_attention",
+    "balanced_min_split_len": "paged_attention",
     "num_sms": "paged_attention",
     "DecodeWorkspace": "paged_attention",
     "DecodeConfig": "paged_attention",

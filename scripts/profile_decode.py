@@ -2,7 +2,7 @@
 spent in kernels (a gap means the GPU waited for the host), the top kernels, and the host calls
 that took longest (a long cudaStreamSynchronize or cudaMemcpy means the host waited for the GPU).
 
-    python3 scripts/profile_decode.py MODEL_OR_SHAPE BATCH [BATCH...] [--async-scheduling]
+    python3 scripts/profile_decode.py MODEL_OR_SHAPE BATCH [BATCH...] [--no-async-scheduling]
 """
 
 import argparse
@@ -22,7 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("batches", type=int, nargs="+")
-    parser.add_argument("--async-scheduling", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
     llm = LLM(resolve_model(args.model), max_num_seqs=max(args.batches), max_model_len=4096,

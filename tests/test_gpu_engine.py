@@ -63,4 +63,4 @@ def test_cuda_graphs_and_eager_steps_give_the_same_tokens(checkpoint):
 def test_async_scheduling_gives_the_same_tokens_with_graphs_and_padding(checkpoint):
     """Five prompts of different lengths finish at different steps: graph buckets pad, placeholders
     come from the device, and padding rows must never carry a stale placeholder."""
-    assert greedy_tokens(checkpoint, async_scheduling=True) == greedy_tokens(checkpoint)
+    assert greedy_tokens(checkpoint, async_scheduling=True) == greedy_tokens(checkpoint, async_scheduling=False)

@@ -20,11 +20,13 @@ from hypothesis import strategies as st
 from streampage import kernels
 from streampage.kernels import reference
 from streampage.kernels.paged_attention import (
+    BALANCED_SPLITS,
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
     DecodeConfig,
     DecodeWorkspace,
     PrefillConfig,
+    balanced_min_split_len,
     decode_split_plan,
 )
 
@@ -140,6 +142,44 @@ def test_decode_empty_splits_reused_workspace_and_out() -> None:
         actual, expected = run_decode(batch, num_splits=8, workspace=workspace, out=out, config=SMALL_DECODE)
         assert actual is out
         assert_matches(actual, expected, TOLERANCE[torch.float32], f"decode lengths={lengths}")
+
+
+@pytest.mark.parametrize("min_split", [1, 16, 20, 48, 1000])
+def test_decode_min_split_len_balances_mixed_lengths(min_split) -> None:
+    """With a minimum split length, long rows use several splits and short ones one (written without
+    the merge): lengths on both sides of every split boundary, a row of 0, one workspace reused with
+    a stale partial from a launch where the same row used more splits."""
+    workspace = DecodeWorkspace.allocate(6, 8, 64, 4, DEVICE)
+    out = torch.full((6, 8, 64), float("nan"), device=DEVICE)
+    minimum = torch.tensor([min_split], dtype=torch.int32, device=DEVICE)
+    for seed, lengths in enumerate([[70, 1, 0, 16, 17, 49], [3, 70, 33, 0, 48, 15]]):
+        batch = build_batch(lengths, [1] * 6, q_heads=8, kv_heads=2, head_dim=64, block_size=8,
+                            dtype=torch.float32, seed=seed)
+        actual, expected = run_decode(batch, num_splits=4, workspace=workspace, out=out, config=SMALL_DECODE,
+                                      min_split_len=minimum)
+        assert_matches(actual, expected, TOLERANCE[torch.float32], f"decode lengths={lengths} min {min_split}")
+        assert not actual[lengths.index(0)].any()
+
+
+def test_decode_min_split_len_default_splits() -> None:
+    """Without num_splits, a minimum split length offers each row BALANCED_SPLITS splits."""
+    lengths = [300, 20, 7]
+    batch = build_batch(lengths, [1, 1, 1], q_heads=4, kv_heads=2, head_dim=64, block_size=16,
+                        dtype=torch.float32)
+    minimum = torch.tensor([64], dtype=torch.int32, device=DEVICE)
+    actual, expected = run_decode(batch, min_split_len=minimum, config=SMALL_DECODE)
+    assert_matches(actual, expected, TOLERANCE[torch.float32], "decode, balanced default splits")
+
+
+def test_balanced_min_split_len() -> None:
+    # Large batches: splits of about the mean context; equal lengths therefore do not split.
+    assert balanced_min_split_len(128, 128 * 1074, 2048, 8, 132) == 1280
+    assert balanced_min_split_len(64, 64 * 2048, 2048, 8, 132) == 2048
+    assert balanced_min_split_len(256, 256 * 40, 100, 8, 132) == MIN_SPLIT_TOKENS
+    # Small batches keep decode_split_plan's parallelism over the longest context.
+    assert balanced_min_split_len(1, 8192, 8192, 8, 132) == 8192 // decode_split_plan(1, 8, 8192, 132)
+    assert balanced_min_split_len(4, 4 * 8192, 8192, 8, 132) == 1024
+    assert BALANCED_SPLITS >= 2
 
 
 def test_decode_default_plan_and_strided_query() -> None:

@@ -25,6 +25,9 @@ class AttentionMetadata:
     # True when every sequence has exactly one new token: attention uses the decode kernel and
     # query_start_loc is arange(num_seqs + 1).
     is_decode: bool
+    # Decode only, optional: a 1-element int32 tensor, the shortest KV split worth a program of its
+    # own (`streampage.kernels.balanced_min_split_len`); set per step by CUDA-graph decode steps.
+    min_split_len: torch.Tensor | None = None
 
 
 _current: AttentionMetadata | None = None

@@ -328,7 +328,8 @@ class Attention(nn.Module):
         )
         if metadata.is_decode:
             return kernels.paged_decode(
-                q, self.k_cache, self.v_cache, metadata.block_tables, metadata.context_lens, scale=self.scale
+                q, self.k_cache, self.v_cache, metadata.block_tables, metadata.context_lens, scale=self.scale,
+                min_split_len=metadata.min_split_len,
             )
         return kernels.paged_prefill(
             q, self.k_cache, self.v_cache, metadata.block_tables, metadata.query_start_loc,
