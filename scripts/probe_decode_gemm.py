@@ -9,6 +9,7 @@
 """
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(timer)
     print(f"copy bandwidth {bandwidth:.2f} TB/s")
     mixed_decode(timer, bandwidth)
-    gemm(timer, bandwidth)
+    if "--no-gemm" not in sys.argv:
+        gemm(timer, bandwidth)
 
 
 if __name__ == "__main__":
