@@ -13,7 +13,7 @@ import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import perf_counter, process_time
 
 from tqdm import tqdm
 
@@ -51,6 +51,7 @@ class PointResult:
     finished_at: float = 0.0
     records: list[RequestRecord] = field(default_factory=list)
     loop_lags: list[float] = field(default_factory=list)   # seconds the client's event loop ran late
+    cpu_s: float = 0.0   # CPU seconds this process spent on the point: near duration_s, the client limits
 
     @property
     def duration_s(self) -> float:
@@ -83,6 +84,7 @@ async def run_point(client: BackendClient, point: LoadPoint, specs: Iterator[Req
     """Issue the point's requests and wait for all of them; every issued request has a record."""
     gate = asyncio.Semaphore(point.max_concurrency) if point.max_concurrency else None
     result = PointResult(point, started_at=perf_counter())
+    cpu_start = process_time()
     probe = asyncio.create_task(_probe_loop_lag(result.loop_lags))
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -100,6 +102,7 @@ async def run_point(client: BackendClient, point: LoadPoint, specs: Iterator[Req
     finally:
         probe.cancel()
     result.finished_at = perf_counter()
+    result.cpu_s = process_time() - cpu_start
     return result
 
 

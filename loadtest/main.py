@@ -133,8 +133,8 @@ def _scenario(settings: Settings) -> int:
 
 
 def _report(settings: Settings, runs: list[tuple[str, PointResult]]) -> list[tuple[str, dict[str, Any]]]:
-    summaries = [(label, summarize(r.records, r.duration_s, settings.percentiles, settings.slo, r.loop_lags))
-                 for label, r in runs]
+    summaries = [(label, summarize(r.records, r.duration_s, settings.percentiles, settings.slo, r.loop_lags,
+                                   r.cpu_s)) for label, r in runs]
     for label, summary in summaries:
         print(format_point(label, summary, settings.percentiles))
     return summaries

@@ -61,10 +61,11 @@ def describe(name: str, samples_s: Sequence[float], percentiles: Sequence[float]
 
 
 def summarize(records: Sequence[RequestRecord], duration_s: float, percentiles: Sequence[float],
-              slo: SLO, loop_lags: Sequence[float] = ()) -> dict[str, Any]:
+              slo: SLO, loop_lags: Sequence[float] = (), client_cpu_s: float | None = None) -> dict[str, Any]:
     """The summary over the measured (`client`) records; disturbers only appear in `disturbers`.
 
-    `loop_lags` (seconds the client's event loop woke late) tell whether the client kept up."""
+    `loop_lags` (seconds the client's event loop woke late) and `client_cpu_s` (CPU seconds the client
+    process spent) tell whether the client kept up."""
     clients = [r for r in records if r.role == CLIENT]
     ok = [r for r in clients if r.succeeded]
     total_input = sum(r.input_tokens for r in ok)
@@ -86,6 +87,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, percentiles: 
         summary |= describe(name, samples, percentiles)
     summary |= _extras(clients, ok, percentiles)
     summary |= describe("loop_lag", loop_lags, percentiles)
+    summary["client_cpu_busy"] = None if client_cpu_s is None else client_cpu_s / duration_s
     disturbers = [r for r in records if r.role != CLIENT]
     summary["disturbers"] = outcomes(disturbers)
     summary["disturber_tokens_per_chunk"] = tokens_per_chunk(disturbers)

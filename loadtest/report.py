@@ -18,6 +18,7 @@ TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1
 WIDTH = 56
 # A client whose event loop wakes this late stamps every chunk late by as much: say so.
 LOOP_LAG_WARNING_MS = 5.0
+CLIENT_BUSY_WARNING = 0.8   # of one core: past it the client's single loop is close to capping the rate
 
 
 def format_point(label: str, summary: dict[str, Any], percentiles: Sequence[float]) -> str:
@@ -47,10 +48,12 @@ def format_point(label: str, summary: dict[str, Any], percentiles: Sequence[floa
               _line("Mean send delay (ms)", summary["mean_send_delay_ms"]),
               _line("Mean tokens per chunk", summary["mean_tokens_per_chunk"]),
               _line("Sequence gaps", summary["seq_gaps"]),
-              _line("Mean client loop lag (ms)", summary["mean_loop_lag_ms"])]
-    if (summary["mean_loop_lag_ms"] or 0.0) > LOOP_LAG_WARNING_MS:
-        lines.append("warning: the client's event loop ran late; its timings are inflated "
-                     "(split the load over several loadtest processes)")
+              _line("Mean client loop lag (ms)", summary["mean_loop_lag_ms"]),
+              _line("Client CPU busy (cores)", summary["client_cpu_busy"])]
+    if ((summary["mean_loop_lag_ms"] or 0.0) > LOOP_LAG_WARNING_MS
+            or (summary["client_cpu_busy"] or 0.0) > CLIENT_BUSY_WARNING):
+        lines.append("warning: the client's event loop ran late or near a full core; its timings are "
+                     "inflated (split the load over several loadtest processes)")
     if summary["disturbers"]:
         lines += [f"Disturber outcomes: {_counts(summary['disturbers'])}",
                   _line("Disturber tokens per chunk", summary["disturber_tokens_per_chunk"])]

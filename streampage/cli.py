@@ -35,6 +35,7 @@ BENCHES = {
     "kernels": ("streampage.bench.kernels", "paged attention kernels against SDPA (GPU)"),
     "latency": ("streampage.bench.latency", "per-token latency against the weight-read floor"),
     "throughput": ("streampage.bench.throughput", "offline output tokens/s"),
+    "serving-path": ("streampage.bench.serving_path", "server path CPU per delivered token (simulated model)"),
 }
 
 

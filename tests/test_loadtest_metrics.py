@@ -30,7 +30,7 @@ def records():
 
 
 def test_summary_matches_hand_computation(records):
-    s = summarize(records, duration_s=2.0, percentiles=[50, 99], slo=SLO())
+    s = summarize(records, duration_s=2.0, percentiles=[50, 99], slo=SLO(), client_cpu_s=0.5)
     assert (s["requests"], s["completed"], s["failed"]) == (3, 2, 1)
     assert (s["total_input"], s["total_output"]) == (30, 5)
     assert s["request_throughput"] == pytest.approx(1.0)
@@ -53,6 +53,7 @@ def test_summary_matches_hand_computation(records):
     assert s["disturber_tokens_per_chunk"] == pytest.approx(1.0)
     assert s["peak_concurrency"] == 2
     assert s["mean_send_delay_ms"] == pytest.approx(0.0)
+    assert s["client_cpu_busy"] == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize(("slo", "goodput"), [

@@ -9,13 +9,14 @@ queues, so the core never waits for a slow consumer (the server applies back-pre
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from streampage.config import EngineConfig
@@ -28,9 +29,31 @@ from streampage.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class _Stream:
-    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    """One request's outputs on their way to its consumer: a deque, and the consumer's future while it
+    waits. Every request gets an item per step, and asyncio.Queue's bookkeeping per put and get cost
+    more than the rest of the hand-over."""
+
+    __slots__ = ("_loop", "_waiter", "items")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.items: deque[RequestOutput | BaseException] = deque()
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # cancelled with its consumer
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until an item is there."""
+        while not self.items:
+            self._waiter = self._loop.create_future()
+            await self._waiter
 
 
 class AsyncEngine:
@@ -38,8 +61,10 @@ class AsyncEngine:
         raise TypeError("use `await AsyncEngine.start(config)`")
 
     @classmethod
-    async def start(cls, config: EngineConfig, *, on_status: Callable[[str], None] | None = None) -> AsyncEngine:
-        """Spawn the core, load the model there, and return once it serves."""
+    async def start(cls, config: EngineConfig, *, on_status: Callable[[str], None] | None = None,
+                    core_main: tuple[str, Sequence[str]] | None = None) -> AsyncEngine:
+        """Spawn the core, load the model there, and return once it serves. `core_main`: the module
+        whose main() runs the core and its arguments (`start_core`), for benchmarks."""
         self = cls.__new__(cls)
         self._loop = asyncio.get_running_loop()
         self._streams: dict[str, _Stream] = {}
@@ -47,7 +72,7 @@ class AsyncEngine:
         self._closing = False
         self._dead: asyncio.Future[BaseException] = self._loop.create_future()
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._process, self._conn = start_core(config)
+        self._process, self._conn = start_core(config) if core_main is None else start_core(config, *core_main)
         ready: asyncio.Future[CoreInfo] = self._loop.create_future()
         self._on_status = on_status
         self._ready = ready
@@ -60,6 +85,11 @@ class AsyncEngine:
         self.model_name = info.model_dir
         self.tokenizer = load_tokenizer(info.model_dir)
         self._processor = OutputProcessor(self.tokenizer)
+        # The imported libraries (torch, transformers) and the tokenizer live as long as the process:
+        # out of the collector's sight, a full collection walks only per-request objects instead of
+        # stalling the event loop (and, through the pipe, the core) for a large heap.
+        gc.collect()
+        gc.freeze()
         return self
 
     # ---- requests ----------------------------------------------------------------------------
@@ -105,13 +135,15 @@ class AsyncEngine:
         if request_id in self._streams:
             raise RequestRejected("duplicate_request_id", f"request_id {request_id!r} is already live", "request_id")
         self.limits.check(prompt_token_ids, params)
-        stream = self._streams[request_id] = _Stream()
+        stream = self._streams[request_id] = _Stream(self._loop)
         arrival = time.monotonic()
         self._processor.add(request_id, None, prompt_token_ids, params, arrival)
         self._outbox.put(("add", request_id, prompt_token_ids, params, arrival))
         try:
             while True:
-                item = await stream.queue.get()
+                if not stream.items:
+                    await stream.wait()
+                item = stream.items.popleft()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -178,7 +210,7 @@ class AsyncEngine:
                 stream = self._streams.get(request_id)
                 state = self._processor.requests.get(request_id)
                 if stream is not None and state is not None:
-                    stream.queue.put_nowait(RequestOutput(request_id, state.prompt_token_ids, [],
+                    stream.put(RequestOutput(request_id, state.prompt_token_ids, [],
                                                           num_cached_tokens=cached, metrics=state.metrics))
         elif kind == "idle":
             self._stats = message[1]
@@ -187,7 +219,7 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
             self._processor.drop(request_id)
             if stream is not None:
-                stream.queue.put_nowait(RequestRejected(code, text, param))
+                stream.put(RequestRejected(code, text, param))
         elif kind == "status":
             log.info("engine core: %s", message[1])
             if self._on_status is not None:
@@ -204,7 +236,7 @@ class AsyncEngine:
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
-                stream.queue.put_nowait(output)
+                stream.put(output)
 
     def _on_dead(self, reason: str) -> None:
         if self._dead.done() or self._closing:
@@ -218,4 +250,4 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in self._streams.values():
-            stream.queue.put_nowait(error)
+            stream.put(error)

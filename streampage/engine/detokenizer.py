@@ -137,26 +137,29 @@ class _TokenStream:
         return _PythonDecodeStream(self._skip_special_tokens)
 
     def extend(self, token_ids: Sequence[int]) -> str:
-        chunks = []
+        # Runs for every streamed token: locals over attribute lookups, no call layer in the common case.
+        text = ""
+        undecoded, step, decoder = self._undecoded, self._stream.step, self._decoder
         for token_id in token_ids:
-            self._undecoded.append(token_id)
-            text = self._step(token_id)
-            if text:
-                chunks.append(text)
+            undecoded.append(token_id)
+            try:
+                piece = step(decoder, token_id)
+            except Exception as error:  # tokenizers raises a bare Exception
+                piece = self._restart(error, token_id)
+                step = self._stream.step
+            if piece:
+                text += piece
                 self._last_emitting_id = token_id
-                self._undecoded.clear()
-        return "".join(chunks)
+                undecoded.clear()
+        return text
 
-    def _step(self, token_id: int) -> str | None:
-        try:
-            return self._stream.step(self._decoder, token_id)
-        except Exception as error:  # tokenizers raises a bare Exception
-            if _INVALID_PREFIX not in str(error):
-                raise
-            # The decoder changed text it had already emitted; carry on without context rather than
-            # fail the request (the next token may lose a leading space).
-            self._stream = self._new_stream()
-            return self._stream.step(self._decoder, token_id)
+    def _restart(self, error: Exception, token_id: int) -> str | None:
+        if _INVALID_PREFIX not in str(error):
+            raise error
+        # The decoder changed text it had already emitted; carry on without context rather than fail
+        # the request (the next token may lose a leading space).
+        self._stream = self._new_stream()
+        return self._stream.step(self._decoder, token_id)
 
     def flush(self) -> str:
         """The text of ids the stream is still holding (an incomplete character), decoded as is."""
