@@ -20,6 +20,7 @@ class BackendConfig:
     endpoint: str | None = None     # the path; None: the backend's default
     api_key: str | None = None
     model: str | None = None        # OpenAI `model`; None: the first one `/v1/models` lists
+    prompt_tokenizer: str | None = None  # OpenAI: send prompts as text decoded with this tokenizer
     connections: int = 0            # WebSocket: 0 = a socket per request, N = multiplex over N sockets
     compression: bool = False       # WebSocket permessage-deflate (costs client CPU)
     ignore_eos: bool = True

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
     target.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
     target.add_argument("--model", default=None, help="openai: model name (default: first of /v1/models)")
+    target.add_argument("--prompt-tokenizer", default=None, metavar="PATH",
+                        help="openai: send prompts as text decoded with this tokenizer (a tokenizer.json or "
+                             "a checkpoint directory), for servers that take no token ids")
     target.add_argument("--connections", type=int, default=0,
                         help="WebSocket: 0 = one socket per request; N = multiplex over N shared sockets")
     target.add_argument("--ws-compression", action="store_true", help="offer permessage-deflate")

@@ -50,10 +50,13 @@ class Settings:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     if not args.allow_remote and not is_loopback(args.host):
         raise SettingsError(f"--host {args.host} is not a loopback address; pass --allow-remote to load it")
+    if args.prompt_tokenizer is not None and not Path(args.prompt_tokenizer).exists():
+        raise SettingsError(f"--prompt-tokenizer {args.prompt_tokenizer}: no such file or directory")
     try:
         backend = BackendConfig(
             kind=args.backend, host=args.host, port=args.port, endpoint=args.endpoint, api_key=args.api_key,
-            model=args.model, connections=args.connections, compression=args.ws_compression,
+            model=args.model, prompt_tokenizer=args.prompt_tokenizer, connections=args.connections,
+            compression=args.ws_compression,
             ignore_eos=args.ignore_eos, temperature=args.temperature)
         workload = WorkloadConfig(
             kind=args.workload, input_len=args.input_len, output_len=args.output_len,

@@ -111,3 +111,28 @@ def test_openai_unreachable_server_fails_the_run():
     with sse_server() as (_, port):
         pass
     assert run(_args(port, "--num-prompts", "2")) == 1
+
+
+def test_openai_prompts_as_text_for_servers_without_token_ids(tmp_path):
+    """--prompt-tokenizer sends each prompt as the text its token ids decode to (HF `transformers serve`
+    takes only text)."""
+    from tokenizers import Tokenizer
+
+    from loadtest.workloads import WorkloadConfig, generate
+    from streampage.model.demo import ensure_demo_model
+
+    checkpoint = ensure_demo_model(tmp_path / "demo")
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    with sse_server() as (app, port):
+        code = run(_args(port, "--input-len", "6", "--num-prompts", "3", "--request-rate", "inf",
+                         "--vocab-limit", "200", "--prompt-tokenizer", str(checkpoint)))
+        bodies = app[BODIES]
+    assert code == 0 and len(bodies) == 3
+    specs = generate(WorkloadConfig(kind="random", input_len=6, output_len=OUTPUT_LEN, vocab_limit=200))
+    expected = {tokenizer.decode(next(specs).prompt_token_ids, skip_special_tokens=False) for _ in range(3)}
+    assert {body["prompt"] for body in bodies} == expected
+    assert all(isinstance(body["prompt"], str) and body["prompt"] for body in bodies)
+
+def test_openai_missing_prompt_tokenizer_is_refused(tmp_path, capsys):
+    assert run(_args(1, "--num-prompts", "1", "--prompt-tokenizer", str(tmp_path / "missing"))) == 2
+    assert "--prompt-tokenizer" in capsys.readouterr().err

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 7 on the GPU host: a request-rate sweep to saturation against `streampage serve`, then the
+# same workload against HF `transformers serve --continuous-batching` through the OpenAI backend, on
+# one real safetensors checkpoint with seeded random weights. Usage: scripts/loadtest_h200.sh OUT_DIR
+# Needs the wheels of .whl/hfserve (fastapi, uvicorn, openai, pydantic, typer...) for the HF server.
+set -u
+OUT_DIR=${1:-/tmp/loadtest}; mkdir -p "$OUT_DIR"
+SHAPE=${SHAPE:-llama3.2-1b}; CKPT=/tmp/ckpt-$SHAPE
+RATES=${RATES:-10,20,40,60,80,120,inf}; PROMPTS=${PROMPTS:-400}
+HF_RATES=${HF_RATES:-0.5,1,2}; HF_PROMPTS=${HF_PROMPTS:-24}
+WORKLOAD=(--workload sharegpt --seed 0 --vocab-limit 1000)
+python3 scripts/hf_checkpoint.py $SHAPE $CKPT
+wait_ready() {  # URL
+  for _ in $(seq 600); do curl -sf "$1" > /dev/null && return 0; sleep 0.5; done; return 1
+}
+python3 -m streampage.cli serve $CKPT --port 8765 > "$OUT_DIR/streampage_server.log" 2>&1 &
+SERVER=$!
+wait_ready http://127.0.0.1:8765/readyz
+python3 -m loadtest --port 8765 "${WORKLOAD[@]}" --num-prompts 64 --max-concurrency 64 --no-progress > /dev/null 2>&1
+python3 -m loadtest --port 8765 "${WORKLOAD[@]}" --request-rate $RATES --num-prompts $PROMPTS --connections 8 \
+    --goodput ttft:500 tpot:50 --no-progress --output "$OUT_DIR/streampage.json" --plot-dir "$OUT_DIR/plots" \
+    > "$OUT_DIR/streampage.txt" 2>&1
+kill -TERM $SERVER; wait $SERVER
+python3 -m pip install -q --no-index --no-deps --target /tmp/hfsite .whl/hfserve/*.whl
+PYTHONPATH=$PYTHONPATH:/tmp/hfsite python3 -m transformers.cli.transformers serve --continuous-batching \
+    --port 8000 --dtype bfloat16 --log-level warning > "$OUT_DIR/hf_server.log" 2>&1 &
+HF=$!
+wait_ready http://127.0.0.1:8000/health
+python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT "${WORKLOAD[@]}" --num-prompts 4 \
+    --max-concurrency 4 --no-progress > /dev/null 2>&1   # loads the model, warms up
+python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT "${WORKLOAD[@]}" \
+    --request-rate $HF_RATES --num-prompts $HF_PROMPTS --goodput ttft:500 tpot:50 --request-timeout 300 \
+    --no-progress --output "$OUT_DIR/hf.json" --plot-dir "$OUT_DIR/plots_hf" > "$OUT_DIR/hf.txt" 2>&1
+kill -TERM $HF; wait $HF
