@@ -29,6 +29,7 @@ _EXPORTS = {
     "add_rms_norm_": "fused_ops",
     "rotary_store_kv_": "fused_ops",
     "silu_and_mul": "fused_ops",
+    "sample_tokens": "sampling",
 }
 
 __all__ = sorted(_EXPORTS)

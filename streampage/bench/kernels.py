@@ -8,7 +8,8 @@ medians of many runs; decode input sets rotate so that no call finds its KV in L
 bound and uses one). `--prefill-sweep` also times every candidate `PrefillConfig` (tile shapes, warps,
 stages, Q in registers, register caps) at each prefill shape, checks each against SDPA's output and
 prints a table with the best config per shape (about a minute more). `--sweep` does that and tries
-decode tile configs and split counts (minutes).
+decode tile configs and split counts (minutes). `--sampler` times only the sampler instead: the fused
+one-pass kernel against the PyTorch pipeline at a Qwen3 vocabulary (seconds).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time every candidate prefill config at each prefill shape (about a minute)")
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep decode tile configs and split counts, and prefill configs (minutes)")
+    parser.add_argument("--sampler", action="store_true",
+                        help="only the sampler: the fused one-pass kernel against the PyTorch pipeline")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"device": props.name, "sms": props.multi_processor_count,
                                "torch": torch.__version__, "triton": triton.__version__, "shape": shape}
     started = time.perf_counter()
+    if args.sampler:
+        return run_sampler(results, timer, started, args.output)
     results["copy_tb_s"] = copy_bandwidth(timer)
     print(f"{props.name}: device copy {results['copy_tb_s']:.2f} TB/s (read + written)\n")
     results["decode"] = []
@@ -527,4 +532,63 @@ def print_prefill_sweep(rows: list[dict[str, Any]], shapes: list[tuple[int, int]
         verdict = "" if speed is None else ("ok" if speed >= PREFILL_BAR else "MISS")
         print(f"  {tokens:>5} x{num_seqs}: {best['config']:<20} {best['us']:>8.1f} us  "
               f"{_num(speed, 4, 2)} x SDPA {verdict}")
+    print()
+
+
+# --- the sampler -------------------------------------------------------------------------------------
+
+SAMPLER_VOCAB = 151936  # Qwen3
+SAMPLER_ROWS = [1, 64, 256]
+
+
+def run_sampler(results: dict[str, Any], timer: Timer, started: float, output: str | None) -> int:
+    del results["shape"]  # the attention shapes
+    results["sampler"] = bench_sampler(timer)
+    print_sampler(results["sampler"])
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    if output:
+        with open(output, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def bench_sampler(timer: Timer) -> list[dict[str, Any]]:
+    """`sample_on_device` fused (one Triton pass) against the PyTorch pipeline, all-greedy and
+    temperature 0.6 batches, bf16 and fp32 logits; both include the device-to-host copy the runner
+    queues. Launched eagerly as the runner does; input sets rotate past the L2."""
+    from streampage.kernels import sample_tokens
+    from streampage.model.sampler import SamplingMetadata, sample_on_device
+    from streampage.sampling_params import SamplingParams
+
+    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    rows_out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for num_rows in SAMPLER_ROWS:
+            sets = input_sets(num_rows * SAMPLER_VOCAB * dtype.itemsize)
+            logits = [(4 * torch.randn(num_rows, SAMPLER_VOCAB, device=DEVICE)).to(dtype) for _ in range(sets)]
+            for mode, temperature in (("greedy", 0.0), ("T=0.6", 0.6)):
+                meta = SamplingMetadata.build([SamplingParams(temperature=temperature)] * num_rows, device=DEVICE)
+                row: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "rows": num_rows, "mode": mode}
+                for path, fused in (("pytorch", False), ("fused", True)):
+                    row[f"{path}_us"] = timer.eager(
+                        [functools.partial(sample_on_device, x, meta, fused=fused) for x in logits])
+                row["speedup"] = row["pytorch_us"] / row["fused_us"]
+                # The kernel alone, replayed from a graph: its device time without launches or copies.
+                random = (meta.temperature, seed) if temperature else (None, None)
+                row["kernel_graph_us"] = timer.graph([functools.partial(sample_tokens, x, *random) for x in logits])
+                rows_out.append(row)
+            del logits
+            torch.cuda.empty_cache()
+    return rows_out
+
+
+def print_sampler(rows: list[dict[str, Any]]) -> None:
+    print(f"sampler, vocab {SAMPLER_VOCAB}: us per sample_on_device call (median, eager, with the host copy); "
+          "kernel = the fused kernel alone, replayed in a CUDA graph")
+    header = f"{'dtype':>8} {'rows':>5} {'mode':>7} | {'pytorch':>9} {'fused':>9} | {'speedup':>7} | {'kernel':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['dtype']:>8} {r['rows']:>5} {r['mode']:>7} | {r['pytorch_us']:>9.1f} {r['fused_us']:>9.1f} | "
+              f"{r['speedup']:>7.2f} | {r['kernel_graph_us']:>7.1f}")
     print()

@@ -4,6 +4,10 @@ The pipeline follows vLLM: raw logits -> penalties -> banned tokens -> (greedy r
 temperature -> min-p -> top-k -> top-p -> an exponential race. Log-probabilities handed back are
 always those of the raw logits (`log_softmax` before penalties and temperature).
 
+On CUDA, a batch whose rows are all greedy or temperature-only (`fusable`) skips the pipeline: one
+Triton kernel (`streampage.kernels.sample_tokens`) reads the logits once and returns each row's token
+and raw log-probability, where the pipeline makes about ten passes over them.
+
 Everything runs vectorised over rows; Python loops touch only seeded rows and the output lists, and
 the results come back to the host in one transfer per dtype at the end.
 """
@@ -18,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from streampage import kernels
 from streampage.sampling_params import SamplingParams
 
 # Columns of the per-row parameter table of `SamplingMetadata.build`: the first _NUM_COLUMNS go to the
@@ -210,8 +215,11 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
     return sample_on_device(logits, metadata).to_host()
 
 
-def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata) -> DeviceSample:
-    """`sample` without the host transfer: every kernel is queued and nothing waits."""
+def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata, *, fused: bool = True) -> DeviceSample:
+    """`sample` without the host transfer: every kernel is queued and nothing waits. `fused=False`
+    keeps `fusable` CUDA batches on the PyTorch pipeline (the reference of tests and benchmarks)."""
+    if fused and logits.is_cuda and fusable(metadata):
+        return sample_fused(logits, metadata)
     logits = logits.float()
     log_normalizer = torch.logsumexp(logits, dim=-1)  # raw log-probabilities are logits - this
     sample_rows = _sample_rows(metadata, logits.device)
@@ -224,6 +232,31 @@ def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata) -> Device
         ints = torch.cat([tokens, top.indices.flatten()])
         floats = torch.cat([sampled_logprobs, (top.values - log_normalizer.unsqueeze(1)).flatten()])
     return DeviceSample.start_copy(tokens, ints, floats, k, metadata)
+
+
+def fusable(metadata: SamplingMetadata) -> bool:
+    """Whether every row is greedy or temperature-only with one draw and no top log-probabilities:
+    what `sample_fused` covers. Truncation flags count sampled rows only (greedy rows ignore it)."""
+    return (
+        metadata.num_rows > 0
+        and not (metadata.penalty_rows or metadata.banned_rows or metadata.generators)
+        and not (metadata.use_min_p or metadata.max_top_k or metadata.use_top_p)
+        and max(metadata.num_samples) == 1
+        and max(metadata.num_logprobs) == 0
+    )
+
+
+def sample_fused(logits: torch.Tensor, metadata: SamplingMetadata) -> DeviceSample:
+    """The `fusable` case in one read of the logits (`streampage.kernels.sample_tokens`): greedy rows
+    take the argmax, the others a Gumbel-max draw from softmax(logits / T), each with its raw
+    log-probability. The noise's seed is drawn on the device from the default generator, so steps
+    differ, torch.manual_seed governs them, and nothing here reads a host value per step."""
+    if metadata.all_greedy:
+        tokens, logprobs = kernels.sample_tokens(logits, None, None)
+    else:
+        seed = torch.empty(1, dtype=torch.int64, device=logits.device).random_()
+        tokens, logprobs = kernels.sample_tokens(logits, metadata.temperature, seed)
+    return DeviceSample.start_copy(tokens, tokens, logprobs, 0, metadata)
 
 
 def _sample_rows(metadata: SamplingMetadata, device: torch.device) -> torch.Tensor:
