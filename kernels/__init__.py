@@ -20,7 +20,7 @@ _EXPORTS = {
     "paged_decode": "paged_attention",
     "paged_prefill": "paged_attention",
     "decode_split_plan": "paged_attention",
-    "balanced_min_split_len": "paged_attention",
+    "graph_split_plan": "paged_attention",
     "num_sms": "paged_attention",
     "DecodeWorkspace": "paged_attention",
     "DecodeConfig": "paged_attention",

@@ -121,21 +121,20 @@ def decode_split_plan(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
     return max(1, min(target // programs, by_length, MAX_SPLITS))
 
 
-# Splits a decode launch with `min_split_len` offers each sequence at least (the longest ones use them).
-BALANCED_SPLITS = 4
+# Programs per SM that a decode graph aims for: its steps mix context lengths, and more, shorter
+# programs keep every SM busy until the end where a few long sequences would otherwise run alone
+# (H200, contexts uniform in 100-2048: 1.13-1.6x faster than one program per (seq, KV head) at batch
+# 16-128, equal at 256).
+GRAPH_PROGRAMS_PER_SM = 16
 
 
-def balanced_min_split_len(num_seqs: int, total_context: int, longest: int, num_kv_heads: int,
-                           num_sms: int) -> int:
-    """The `min_split_len` of a decode step over num_seqs sequences of mixed lengths (total_context
-    tokens, the longest `longest`): splits about as long as the mean context, in whole multiples of
-    MIN_SPLIT_TOKENS, so a long sequence's keys spread over several programs and no program runs
-    long after the others; shorter where the batch alone cannot fill the GPU (decode_split_plan's
-    count over the longest context). Equal lengths give one split each, as decode_split_plan does."""
-    want = decode_split_plan(num_seqs, num_kv_heads, longest, num_sms)
-    mean = triton.cdiv(max(total_context, 1), max(num_seqs, 1))
-    by_mean = triton.cdiv(mean, MIN_SPLIT_TOKENS) * MIN_SPLIT_TOKENS
-    return max(MIN_SPLIT_TOKENS, min(by_mean, triton.cdiv(max(longest, 1), want)))
+@functools.cache
+def graph_split_plan(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """The split count of a decode CUDA graph for num_seqs sequences whose lengths are unknown at
+    capture and mixed at replay. Sequences shorter than num_splits * MIN_SPLIT_TOKENS use fewer
+    splits, so short ones cost no merge."""
+    programs = max(num_seqs * num_kv_heads, 1)
+    return max(1, min(GRAPH_PROGRAMS_PER_SM * num_sms // programs, MAX_SPLITS))
 
 
 @functools.cache
@@ -194,14 +193,14 @@ def _split_span(context_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
 
 
 # num_splits is fixed per batch-size bucket; not specializing it keeps one compiled variant for all.
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    min_split_len_ptr, qk_scale, num_splits,
+    qk_scale, num_splits, min_split_len,
     stride_q_s, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     stride_bt_s, stride_o_s, stride_o_h, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MIN_SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
     # together they read each page of the pool whole.
@@ -209,9 +208,6 @@ def _decode_kernel(
     seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    min_split_len = 0
-    if HAS_MIN_SPLIT:
-        min_split_len = tl.load(min_split_len_ptr)
     # Split boundaries are whole tiles. A split past the sequence's last one has an empty range and
     # writes nothing; a sequence that uses one split writes its output directly (no merge).
     span, used = _split_span(context_len, num_splits, min_split_len, BLOCK_N)
@@ -266,17 +262,14 @@ def _decode_kernel(
         tl.store(part_lse_ptr + seq * stride_pl_s + heads * stride_pl_h + split, lse, mask=partial)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
 def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, context_lens_ptr, min_split_len_ptr,
-    num_splits, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, stride_o_s, stride_o_h,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MIN_SPLIT: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, context_lens_ptr,
+    num_splits, min_split_len, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, stride_o_s, stride_o_h,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    min_split_len = 0
-    if HAS_MIN_SPLIT:
-        min_split_len = tl.load(min_split_len_ptr)
     _, used = _split_span(tl.load(context_lens_ptr + seq), num_splits, min_split_len, BLOCK_N)
     splits = tl.arange(0, SPLITS_PAD)
     split_mask = splits < used
@@ -301,7 +294,7 @@ def paged_decode(
     context_lens: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
     num_splits: int | None = None, max_context_len: int | None = None,
     workspace: DecodeWorkspace | None = None, config: DecodeConfig | None = None,
-    min_split_len: torch.Tensor | None = None,
+    min_split_len: int = MIN_SPLIT_TOKENS,
 ) -> torch.Tensor:
     """Attention of one query per sequence (q: [num_seqs, q_heads, head_dim]) over its paged KV.
 
@@ -309,10 +302,9 @@ def paged_decode(
     max_context_len (default: the block table's capacity, a bound fixed by its shape). For CUDA graph
     capture pass a fixed num_splits (or max_context_len) and a `workspace` allocated beforehand.
 
-    Each sequence is cut into at most num_splits splits; `min_split_len` (a 1-element int32 device
-    tensor, read per launch, so a graph replays with a new value) makes every split at least that
-    many tokens long, so that in a batch of mixed lengths long sequences split and short ones do not
-    (`balanced_min_split_len`). Without it a sequence splits into num_splits equal parts.
+    Each sequence is cut into at most num_splits equal splits of at least min_split_len tokens: in
+    a batch of mixed lengths (a graph sized by `graph_split_plan`) long sequences use every split
+    and short ones fewer, down to one, which writes its output without the merge.
     """
     group, group_pad, head_dim = _check(q, k_cache, v_cache)
     num_seqs, num_q_heads = q.shape[0], q.shape[1]
@@ -324,8 +316,6 @@ def paged_decode(
     if num_splits is None:
         bound = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
         num_splits = decode_split_plan(num_seqs, num_kv_heads, bound, num_sms(q.device))
-        if min_split_len is not None:
-            num_splits = max(num_splits, BALANCED_SPLITS)
     programs = num_kv_heads * num_seqs * num_splits
     cfg = config or DecodeConfig.default(head_dim, programs / num_sms(q.device))
     if num_splits > 1:
@@ -340,27 +330,25 @@ def paged_decode(
         part_out, part_lse = out, out[..., 0]
     po_strides = part_out.stride() if num_splits > 1 else (0, 0, 0)
     pl_strides = part_lse.stride() if num_splits > 1 else (0, 0)
-    has_min_split = min_split_len is not None
-    min_split_ptr = min_split_len if has_min_split else context_lens  # never read without HAS_MIN_SPLIT
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, min_split_ptr,
-        scale * _LOG2E, num_splits,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        scale * _LOG2E, num_splits, min_split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1],
         GROUP=group, GROUP_PAD=max(group_pad, 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        HAS_MIN_SPLIT=has_min_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_q_heads)](
-            part_out, part_lse, out, context_lens, min_split_ptr, num_splits,
+            part_out, part_lse, out, context_lens, num_splits, min_split_len,
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_N=cfg.block_n,
-            HAS_MIN_SPLIT=has_min_split, num_warps=4 if head_dim >= 128 else 2,
+            num_warps=4 if head_dim >= 128 else 2,
         )
     return out
 

@@ -10,8 +10,17 @@ RATES=${RATES:-10,20,40,60,80,120,inf}; PROMPTS=${PROMPTS:-400}
 HF_RATES=${HF_RATES:-0.5,1,2}; HF_PROMPTS=${HF_PROMPTS:-24}
 WORKLOAD=(--workload sharegpt --seed 0 --vocab-limit 1000)
 python3 scripts/hf_checkpoint.py $SHAPE $CKPT
-wait_ready() {  # URL
-  for _ in $(seq 600); do curl -sf "$1" > /dev/null && return 0; sleep 0.5; done; return 1
+wait_ready() {  # URL: poll until it answers 200 (at most 5 minutes)
+  python3 - "$1" <<'PY'
+import sys, time, urllib.request
+for _ in range(600):
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=1)
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.5)
+sys.exit(1)
+PY
 }
 python3 -m streampage.cli serve $CKPT --port 8765 > "$OUT_DIR/streampage_server.log" 2>&1 &
 SERVER=$!

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from streampage.bench.kernels import BLOCK_SIZE, DTYPE, HEAD_DIM, KV_HEADS, Q_HEADS, Timer, copy_bandwidth
-from streampage.kernels import DecodeWorkspace, balanced_min_split_len, paged_decode
-from streampage.kernels.paged_attention import BALANCED_SPLITS, num_sms
+from streampage.kernels import DecodeWorkspace, graph_split_plan, paged_decode
+from streampage.kernels.paged_attention import num_sms
 
 GEMM_SHAPES = {  # name: (K, N)
     "1b qkv": (2048, 3072), "1b o": (2048, 2048), "1b gate_up": (2048, 16384), "1b down": (8192, 2048),
@@ -28,8 +28,8 @@ GEMM_SHAPES = {  # name: (K, N)
 
 def mixed_decode(timer: Timer, bandwidth: float) -> None:
     print("paged_decode, contexts uniform in [100, 2048] (or all equal: '=N'), scattered pages; us and share "
-          "of copy bandwidth")
-    print(f"{'batch':>10} " + " ".join(f"{'splits ' + str(s):>16}" for s in (1, 2, 4, 8)) + f" {'balanced':>16}")
+          "of copy bandwidth; at most N splits of >= 256 tokens")
+    print(f"{'batch':>10} " + " ".join(f"{'splits ' + str(s):>16}" for s in (1, 2, 4, 8)) + f" {'graph plan':>16}")
     generator = torch.Generator().manual_seed(0)
     cases = [(16, None), (64, None), (128, None), (256, None), (64, 2048), (256, 1024)]  # None: mixed
     for batch, uniform in cases:
@@ -53,16 +53,14 @@ def mixed_decode(timer: Timer, bandwidth: float) -> None:
                      for q, (k, v) in zip(queries, pools, strict=True)]
             us = timer.graph(calls)
             cells.append(f"{us:8.1f} {kv_bytes / us / 1e6 / bandwidth:6.1%}")
-        # What a CUDA-graph decode step runs: BALANCED_SPLITS splits of at least balanced_min_split_len.
-        minimum = torch.tensor([balanced_min_split_len(batch, int(lengths.sum()), int(lengths.max()), KV_HEADS,
-                                                       num_sms(torch.device("cuda")))], dtype=torch.int32,
-                               device="cuda")
-        workspace = DecodeWorkspace.allocate(batch, Q_HEADS, HEAD_DIM, BALANCED_SPLITS, "cuda")
+        # What a CUDA-graph decode step of this batch runs.
+        splits = graph_split_plan(batch, KV_HEADS, num_sms(torch.device("cuda")))
+        workspace = DecodeWorkspace.allocate(batch, Q_HEADS, HEAD_DIM, splits, "cuda")
         calls = [functools.partial(paged_decode, q, k, v, tables, lens, HEAD_DIM**-0.5, out=out,
-                                   num_splits=BALANCED_SPLITS, workspace=workspace, min_split_len=minimum)
+                                   num_splits=splits, workspace=workspace)
                  for q, (k, v) in zip(queries, pools, strict=True)]
         us = timer.graph(calls)
-        cells.append(f"{us:8.1f} {kv_bytes / us / 1e6 / bandwidth:6.1%}")
+        cells.append(f"{splits:3d}:{us:7.1f} {kv_bytes / us / 1e6 / bandwidth:5.1%}")
         label = f"{batch}" + ("" if uniform is None else f" ={uniform}")
         print(f"{label:>10} " + " ".join(f"{c:>16}" for c in cells))
         del pools

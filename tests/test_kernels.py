@@ -20,14 +20,14 @@ from hypothesis import strategies as st
 from streampage import kernels
 from streampage.kernels import reference
 from streampage.kernels.paged_attention import (
-    BALANCED_SPLITS,
+    GRAPH_PROGRAMS_PER_SM,
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
     DecodeConfig,
     DecodeWorkspace,
     PrefillConfig,
-    balanced_min_split_len,
     decode_split_plan,
+    graph_split_plan,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,6 +103,8 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tol: float, wha
 
 def run_decode(batch: PagedBatch, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     scale = batch.q.shape[-1] ** -0.5
+    if "num_splits" in kwargs:  # tiny contexts: splits as short as a tile, so that they split at all
+        kwargs.setdefault("min_split_len", 1)
     args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.context_lens, scale)
     return kernels.paged_decode(*args, **kwargs), reference.paged_decode(*args)
 
@@ -151,35 +153,24 @@ def test_decode_min_split_len_balances_mixed_lengths(min_split) -> None:
     a stale partial from a launch where the same row used more splits."""
     workspace = DecodeWorkspace.allocate(6, 8, 64, 4, DEVICE)
     out = torch.full((6, 8, 64), float("nan"), device=DEVICE)
-    minimum = torch.tensor([min_split], dtype=torch.int32, device=DEVICE)
     for seed, lengths in enumerate([[70, 1, 0, 16, 17, 49], [3, 70, 33, 0, 48, 15]]):
         batch = build_batch(lengths, [1] * 6, q_heads=8, kv_heads=2, head_dim=64, block_size=8,
                             dtype=torch.float32, seed=seed)
         actual, expected = run_decode(batch, num_splits=4, workspace=workspace, out=out, config=SMALL_DECODE,
-                                      min_split_len=minimum)
+                                      min_split_len=min_split)
         assert_matches(actual, expected, TOLERANCE[torch.float32], f"decode lengths={lengths} min {min_split}")
         assert not actual[lengths.index(0)].any()
 
 
-def test_decode_min_split_len_default_splits() -> None:
-    """Without num_splits, a minimum split length offers each row BALANCED_SPLITS splits."""
-    lengths = [300, 20, 7]
-    batch = build_batch(lengths, [1, 1, 1], q_heads=4, kv_heads=2, head_dim=64, block_size=16,
-                        dtype=torch.float32)
-    minimum = torch.tensor([64], dtype=torch.int32, device=DEVICE)
-    actual, expected = run_decode(batch, min_split_len=minimum, config=SMALL_DECODE)
-    assert_matches(actual, expected, TOLERANCE[torch.float32], "decode, balanced default splits")
-
-
-def test_balanced_min_split_len() -> None:
-    # Large batches: splits of about the mean context; equal lengths therefore do not split.
-    assert balanced_min_split_len(128, 128 * 1074, 2048, 8, 132) == 1280
-    assert balanced_min_split_len(64, 64 * 2048, 2048, 8, 132) == 2048
-    assert balanced_min_split_len(256, 256 * 40, 100, 8, 132) == MIN_SPLIT_TOKENS
-    # Small batches keep decode_split_plan's parallelism over the longest context.
-    assert balanced_min_split_len(1, 8192, 8192, 8, 132) == 8192 // decode_split_plan(1, 8, 8192, 132)
-    assert balanced_min_split_len(4, 4 * 8192, 8192, 8, 132) == 1024
-    assert BALANCED_SPLITS >= 2
+def test_graph_split_plan() -> None:
+    """Decode graphs aim for GRAPH_PROGRAMS_PER_SM programs per SM whatever the lengths turn out to be."""
+    assert GRAPH_PROGRAMS_PER_SM * 132 == 2112
+    assert graph_split_plan(256, 8, 132) == 1
+    assert graph_split_plan(128, 8, 132) == 2
+    assert graph_split_plan(64, 8, 132) == 4
+    assert graph_split_plan(16, 8, 132) == 16
+    assert graph_split_plan(1, 8, 132) == MAX_SPLITS
+    assert graph_split_plan(1024, 8, 132) == 1
 
 
 def test_decode_default_plan_and_strided_query() -> None:

@@ -25,9 +25,9 @@ class AttentionMetadata:
     # True when every sequence has exactly one new token: attention uses the decode kernel and
     # query_start_loc is arange(num_seqs + 1).
     is_decode: bool
-    # Decode only, optional: a 1-element int32 tensor, the shortest KV split worth a program of its
-    # own (`streampage.kernels.balanced_min_split_len`); set per step by CUDA-graph decode steps.
-    min_split_len: torch.Tensor | None = None
+    # Decode only: how many KV splits per sequence the attention kernel launches; None = sized for
+    # this batch. Decode graphs fix it at capture (`streampage.kernels.graph_split_plan`).
+    decode_splits: int | None = None
 
 
 _current: AttentionMetadata | None = None

@@ -329,7 +329,7 @@ class Attention(nn.Module):
         if metadata.is_decode:
             return kernels.paged_decode(
                 q, self.k_cache, self.v_cache, metadata.block_tables, metadata.context_lens, scale=self.scale,
-                min_split_len=metadata.min_split_len,
+                num_splits=metadata.decode_splits,
             )
         return kernels.paged_prefill(
             q, self.k_cache, self.v_cache, metadata.block_tables, metadata.query_start_loc,

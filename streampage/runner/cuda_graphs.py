@@ -5,9 +5,8 @@ graph reads the same static input buffers (views of their first `bucket` rows) a
 logits buffer, so a replay needs only small host-to-device copies of the step's inputs. Padding rows
 write nowhere (slot -1) and attend to nothing (context length 0). Graphs are captured largest first
 into one shared memory pool, after one eager run per bucket has compiled every kernel variant.
-Nothing per-step is a Python scalar inside a graph: kernels read lengths, tables and the step's
-minimum KV split length (which balances decode attention over mixed context lengths) from the
-buffers, and their grids depend only on the bucket and the block table's fixed width.
+Nothing per-step is a Python scalar inside a graph: kernels read lengths and tables from the buffers,
+and their grids depend only on the bucket and the block table's fixed width.
 """
 
 from __future__ import annotations
@@ -41,12 +40,12 @@ class DecodeBuffers:
     asynchronous copies (pageable copies would each block on the device)."""
 
     token_rows: torch.Tensor  # [3, max_batch] int64: input ids, positions, slot mapping
-    lens: torch.Tensor  # [max_batch + 1] int32: context lengths, then the step's minimum KV split length
+    context_lens: torch.Tensor  # [max_batch] int32
     block_tables: torch.Tensor  # [max_batch, max_blocks_per_seq] int32 (read up to each context)
     block_tables_packed: torch.Tensor  # [max_batch * max_blocks_per_seq] int32: this step's [rows, width]
     query_start_loc: torch.Tensor  # arange(max_batch + 1) int32: one token per row
     host_token_rows: torch.Tensor  # pinned mirrors of the above
-    host_lens: torch.Tensor
+    host_context_lens: torch.Tensor
     host_block_tables: torch.Tensor
     logits: torch.Tensor | None = None  # [max_batch, vocab] float32, written by the graphs
 
@@ -55,12 +54,12 @@ class DecodeBuffers:
         token_rows = torch.zeros((3, max_batch), dtype=torch.int64, device=device)
         token_rows[2] = -1
         return cls(
-            token_rows, torch.zeros(max_batch + 1, dtype=torch.int32, device=device),
+            token_rows, torch.zeros(max_batch, dtype=torch.int32, device=device),
             torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=device),
             torch.zeros(max_batch * max_blocks, dtype=torch.int32, device=device),
             torch.arange(max_batch + 1, dtype=torch.int32, device=device),
             torch.zeros((3, max_batch), dtype=torch.int64, pin_memory=True),
-            torch.zeros(max_batch + 1, dtype=torch.int32, pin_memory=True),
+            torch.zeros(max_batch, dtype=torch.int32, pin_memory=True),
             torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=True),
         )
 
@@ -72,24 +71,22 @@ class DecodeBuffers:
     def positions(self) -> torch.Tensor:
         return self.token_rows[1]
 
-    def metadata(self, bucket: int) -> AttentionMetadata:
-        return AttentionMetadata(self.token_rows[2, :bucket], self.block_tables[:bucket], self.lens[:bucket],
+    def metadata(self, bucket: int, decode_splits: int) -> AttentionMetadata:
+        return AttentionMetadata(self.token_rows[2, :bucket], self.block_tables[:bucket], self.context_lens[:bucket],
                                  self.query_start_loc[: bucket + 1], max_query_len=1, is_decode=True,
-                                 min_split_len=self.lens[-1:])
+                                 decode_splits=decode_splits)
 
     def load(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
-             context_lens: np.ndarray, block_tables: np.ndarray, bucket: int, min_split_len: int) -> None:
+             context_lens: np.ndarray, block_tables: np.ndarray, bucket: int) -> None:
         """Copy one step's inputs in; rows past the step up to the bucket are padding."""
         rows, width = block_tables.shape
-        host_lens = self.host_lens.numpy()
-        stage_decode_rows(self.host_token_rows.numpy(), host_lens[:-1], input_ids, positions, slot_mapping,
-                          context_lens, bucket)
-        host_lens[-1] = min_split_len
+        stage_decode_rows(self.host_token_rows.numpy(), self.host_context_lens.numpy(), input_ids, positions,
+                          slot_mapping, context_lens, bucket)
         self.host_block_tables.numpy()[: rows * width] = block_tables.ravel()
         # Whole rows: a contiguous pinned source keeps each copy asynchronous (a strided one is staged
         # through pageable memory, which waits for the device).
         self.token_rows.copy_(self.host_token_rows, non_blocking=True)
-        self.lens.copy_(self.host_lens, non_blocking=True)
+        self.context_lens.copy_(self.host_context_lens, non_blocking=True)
         packed = self.block_tables_packed[: rows * width]
         packed.copy_(self.host_block_tables[: rows * width], non_blocking=True)
         self.block_tables[:rows, :width].copy_(packed.view(rows, width))
@@ -117,9 +114,8 @@ class DecodeGraphs:
         self.buffers = DecodeBuffers.allocate(max_batch, max_blocks_per_seq, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._bucket_of = np.searchsorted(np.array(self.buckets), np.arange(max_batch + 1))
-        # What balanced_min_split_len needs to know of the model and the device.
-        self._kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
-        self._num_sms = kernels.num_sms(device)
+        kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
+        self._splits = {b: kernels.graph_split_plan(b, kv_heads, kernels.num_sms(device)) for b in self.buckets}
         # Steps are queued ahead of the host, so the pinned mirrors may only be refilled once the
         # device has copied the previous step's inputs out of them.
         self._pinned_free = torch.cuda.Event()
@@ -143,7 +139,7 @@ class DecodeGraphs:
 
     def _forward(self, bucket: int) -> torch.Tensor:
         b = self.buffers
-        with forward_context(b.metadata(bucket)):
+        with forward_context(b.metadata(bucket, self._splits[bucket])):
             hidden = self.model(b.input_ids[:bucket], b.positions[:bucket])
         logits = self.model.compute_logits(hidden)
         if b.logits is not None:
@@ -162,9 +158,7 @@ class DecodeGraphs:
         rows = len(input_ids)
         bucket = self.buckets[self._bucket_of[rows]]
         self._pinned_free.synchronize()  # the previous step's copies out of the pinned mirrors are done
-        min_split_len = kernels.balanced_min_split_len(rows, int(context_lens.sum()), int(context_lens.max()),
-                                                       self._kv_heads, self._num_sms)
-        self.buffers.load(input_ids, positions, slot_mapping, context_lens, block_tables, bucket, min_split_len)
+        self.buffers.load(input_ids, positions, slot_mapping, context_lens, block_tables, bucket)
         self._pinned_free.record()
         fix_input_ids(self.buffers.input_ids[:rows])
         self.graphs[bucket].replay()
