@@ -12,5 +12,5 @@ timeout 30 python3 scripts/probe_decode_gemm.py --no-gemm > $OUT/probe.log 2>&1;
 timeout 45 python3 -m streampage.cli bench throughput --model qwen3-0.6b --output $OUT/throughput.json \
     > $OUT/throughput.log 2>&1
 grep -v "oading weights\|capturing" $OUT/throughput.log | tail -2
-RATES=20,60,inf PROMPTS=200 HF_RATES=1 HF_PROMPTS=8 timeout 200 bash scripts/loadtest_h200.sh $OUT/lt > $OUT/lt.log 2>&1
+RATES=20,60,inf PROMPTS=200 HF_RATES=1 HF_PROMPTS=8 timeout 175 bash scripts/loadtest_h200.sh $OUT/lt > $OUT/lt.log 2>&1
 grep -h "=== \|Output token throughput\|Median TTFT\|Median TPOT\|Successful\|Failed" $OUT/lt/*.txt | head -30
