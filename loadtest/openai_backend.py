@@ -37,11 +37,13 @@ class OpenAIClient:
         # A server that takes only text re-tokenizes the decoded prompt: its length may differ a little.
         prompt = (spec.prompt_token_ids if self._tokenizer is None
                   else self._tokenizer.decode(spec.prompt_token_ids, skip_special_tokens=False))
-        return {
+        payload = {
             "model": self._model, "prompt": prompt, "max_tokens": spec.max_tokens,
-            "ignore_eos": self._config.ignore_eos, "temperature": self._config.temperature,
-            "stream": True, "stream_options": {"include_usage": True},
+            "temperature": self._config.temperature, "stream": True, "stream_options": {"include_usage": True},
         }
+        if self._config.ignore_eos:  # not an OpenAI field: servers that validate strictly refuse it
+            payload["ignore_eos"] = True
+        return payload
 
     async def request(self, spec: RequestSpec, record: RequestRecord) -> None:
         body = orjson.dumps(self.payload(spec))
@@ -58,7 +60,9 @@ class OpenAIClient:
 
 
 async def _read_events(response: aiohttp.ClientResponse, record: RequestRecord) -> None:
-    """Fold `data:` lines into the record until `[DONE]`; a stream cut before it is a disconnect."""
+    """Fold `data:` lines into the record until `[DONE]`. A stream that ends without it counts as
+    complete only after a chunk with a finish reason (HF `transformers serve` sends no `[DONE]`);
+    otherwise it is a disconnect."""
     async for line in response.content:
         now = perf_counter()
         if not line.startswith(b"data:"):
@@ -71,7 +75,7 @@ async def _read_events(response: aiohttp.ClientResponse, record: RequestRecord) 
         if error:
             record.finish(now, error)
             return
-    record.finish(perf_counter(), "disconnect:eof")
+    record.finish(perf_counter(), None if record.finish_reason else "disconnect:eof")
 
 
 def _on_event(event: dict[str, Any], record: RequestRecord, now: float) -> str | None:

@@ -2,7 +2,9 @@
 # Issue 7 on the GPU host: a request-rate sweep to saturation against `streampage serve`, then the
 # same workload against HF `transformers serve --continuous-batching` through the OpenAI backend, on
 # one real safetensors checkpoint with seeded random weights. Usage: scripts/loadtest_h200.sh OUT_DIR
-# Needs the wheels of .whl/hfserve (fastapi, uvicorn, openai, pydantic, typer...) for the HF server.
+# Needs the wheels of .whl/hfserve (fastapi, uvicorn, openai, pydantic, typer, accelerate, psutil...) for
+# the HF server. HF's completions endpoint takes text only and refuses `ignore_eos`: its prompts go as
+# decoded text and its outputs end at max_tokens or at EOS (rare with random weights).
 set -u
 OUT_DIR=${1:-/tmp/loadtest}; mkdir -p "$OUT_DIR"
 SHAPE=${SHAPE:-llama3.2-1b}; CKPT=/tmp/ckpt-$SHAPE
@@ -35,9 +37,9 @@ PYTHONPATH=$PYTHONPATH:/tmp/hfsite python3 -m transformers.cli.transformers serv
     --port 8000 --dtype bfloat16 --log-level warning > "$OUT_DIR/hf_server.log" 2>&1 &
 HF=$!
 wait_ready http://127.0.0.1:8000/health
-python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT "${WORKLOAD[@]}" --num-prompts 4 \
+python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" --num-prompts 4 \
     --max-concurrency 4 --no-progress > /dev/null 2>&1   # loads the model, warms up
-python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT "${WORKLOAD[@]}" \
+python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" \
     --request-rate $HF_RATES --num-prompts $HF_PROMPTS --goodput ttft:500 tpot:50 --request-timeout 300 \
     --no-progress --output "$OUT_DIR/hf.json" --plot-dir "$OUT_DIR/plots_hf" > "$OUT_DIR/hf.txt" 2>&1
 kill -TERM $HF; wait $HF

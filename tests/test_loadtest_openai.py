@@ -34,11 +34,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     await response.write(b": keep-alive comment\n\n")
     await asyncio.sleep(TTFT_S)
+    # Model "hf-style" ends as HF `transformers serve` does: the finish reason and usage in the last
+    # chunk and no [DONE]; model "cut" stops mid-stream.
+    style = body.get("model")
     for index in range(body["max_tokens"]):
         if index:
             await asyncio.sleep(ITL_S)
+        if style == "cut" and index == 2:
+            return response
         await _event(response, {"choices": [{"index": 0, "text": "x", "finish_reason": None}]})
     usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
+    if style == "hf-style":
+        await _event(response, {"choices": [{"index": 0, "text": "", "finish_reason": "length"}], "usage": usage})
+        return response
     await _event(response, {"choices": [], "usage": usage})
     await response.write(b"data: [DONE]\n\n")
     return response
@@ -136,3 +144,20 @@ def test_openai_prompts_as_text_for_servers_without_token_ids(tmp_path):
 def test_openai_missing_prompt_tokenizer_is_refused(tmp_path, capsys):
     assert run(_args(1, "--num-prompts", "1", "--prompt-tokenizer", str(tmp_path / "missing"))) == 2
     assert "--prompt-tokenizer" in capsys.readouterr().err
+
+
+def test_openai_stream_without_done_ends_on_its_finish_reason(tmp_path):
+    """A stream that closes after a chunk with a finish reason is complete (HF `transformers serve`
+    sends no [DONE]); one that closes before any is a disconnect. Without --ignore-eos the payload
+    carries no `ignore_eos` (strict servers refuse unknown fields)."""
+    results = {}
+    with sse_server() as (app, port):
+        for style in ("hf-style", "cut"):
+            output = tmp_path / f"{style}.json"
+            assert run(_args(port, "--model", style, "--input-len", "4", "--num-prompts", "2",
+                             "--request-rate", "inf", "--no-ignore-eos", "--output", str(output))) in (0, 1)
+            results[style] = json.loads(output.read_text())["runs"][0]["summary"]
+        bodies = app[BODIES]
+    assert results["hf-style"]["completed"] == 2 and results["hf-style"]["total_output"] == 2 * OUTPUT_LEN
+    assert results["cut"]["failures"] == {"disconnect:eof": 2}
+    assert all("ignore_eos" not in body for body in bodies)
