@@ -37,8 +37,8 @@ PYTHONPATH=$PYTHONPATH:/tmp/hfsite python3 -m transformers.cli.transformers serv
     --port 8000 --dtype bfloat16 --log-level warning > "$OUT_DIR/hf_server.log" 2>&1 &
 HF=$!
 wait_ready http://127.0.0.1:8000/health
-python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" --num-prompts 4 \
-    --max-concurrency 4 --no-progress > /dev/null 2>&1   # loads the model, warms up
+python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" --num-prompts 1 \
+    --max-concurrency 1 --no-progress > /dev/null 2>&1   # loads the model, warms up
 python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" \
     --request-rate $HF_RATES --num-prompts $HF_PROMPTS --goodput ttft:500 tpot:50 --request-timeout 300 \
     --no-progress --output "$OUT_DIR/hf.json" --plot-dir "$OUT_DIR/plots_hf" > "$OUT_DIR/hf.txt" 2>&1
