@@ -26,6 +26,15 @@ GEMM_SHAPES = {  # name: (K, N)
 }
 
 
+def time_decode(timer: Timer, queries: list, pools: list, tables: torch.Tensor, lens: torch.Tensor,
+                out: torch.Tensor, splits: int) -> float:
+    """Graph-replayed us per paged_decode call over the rotated input sets, with `splits` splits."""
+    workspace = DecodeWorkspace.allocate(out.shape[0], Q_HEADS, HEAD_DIM, splits, "cuda")
+    return timer.graph([functools.partial(paged_decode, q, k, v, tables, lens, HEAD_DIM**-0.5, out=out,
+                                          num_splits=splits, workspace=workspace)
+                        for q, (k, v) in zip(queries, pools, strict=True)])
+
+
 def mixed_decode(timer: Timer, bandwidth: float) -> None:
     print("paged_decode, contexts uniform in [100, 2048] (or all equal: '=N'), scattered pages; us and share "
           "of copy bandwidth; at most N splits of >= 256 tokens")
@@ -47,19 +56,10 @@ def mixed_decode(timer: Timer, bandwidth: float) -> None:
         out = torch.empty_like(queries[0])
         cells = []
         for splits in (1, 2, 4, 8):
-            workspace = DecodeWorkspace.allocate(batch, Q_HEADS, HEAD_DIM, splits, "cuda")
-            calls = [functools.partial(paged_decode, q, k, v, tables, lens, HEAD_DIM**-0.5, out=out,
-                                       num_splits=splits, workspace=workspace)
-                     for q, (k, v) in zip(queries, pools, strict=True)]
-            us = timer.graph(calls)
+            us = time_decode(timer, queries, pools, tables, lens, out, splits)
             cells.append(f"{us:8.1f} {kv_bytes / us / 1e6 / bandwidth:6.1%}")
-        # What a CUDA-graph decode step of this batch runs.
-        splits = graph_split_plan(batch, KV_HEADS, num_sms(torch.device("cuda")))
-        workspace = DecodeWorkspace.allocate(batch, Q_HEADS, HEAD_DIM, splits, "cuda")
-        calls = [functools.partial(paged_decode, q, k, v, tables, lens, HEAD_DIM**-0.5, out=out,
-                                   num_splits=splits, workspace=workspace)
-                 for q, (k, v) in zip(queries, pools, strict=True)]
-        us = timer.graph(calls)
+        splits = graph_split_plan(batch, KV_HEADS, num_sms(torch.device("cuda")))  # what a decode graph runs
+        us = time_decode(timer, queries, pools, tables, lens, out, splits)
         cells.append(f"{splits:3d}:{us:7.1f} {kv_bytes / us / 1e6 / bandwidth:5.1%}")
         label = f"{batch}" + ("" if uniform is None else f" ={uniform}")
         print(f"{label:>10} " + " ".join(f"{c:>16}" for c in cells))
