@@ -10,7 +10,7 @@ OUT_DIR=${1:-/tmp/loadtest}; mkdir -p "$OUT_DIR"
 SHAPE=${SHAPE:-llama3.2-1b}; CKPT=/tmp/ckpt-$SHAPE
 RATES=${RATES:-10,20,40,60,80,120,inf}; PROMPTS=${PROMPTS:-400}
 HF_RATES=${HF_RATES:-0.5,1,2}; HF_PROMPTS=${HF_PROMPTS:-24}
-WORKLOAD=(--workload sharegpt --seed 0 --vocab-limit 1000)
+WORKLOAD=(${WORKLOAD:---workload sharegpt} --seed 0 --vocab-limit 1000)
 python3 scripts/hf_checkpoint.py $SHAPE $CKPT
 wait_ready() {  # URL: poll until it answers 200 (at most 5 minutes)
   python3 - "$1" <<'PY'
@@ -42,4 +42,4 @@ python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenize
 python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" \
     --request-rate $HF_RATES --num-prompts $HF_PROMPTS --goodput ttft:500 tpot:50 --request-timeout 300 \
     --no-progress --output "$OUT_DIR/hf.json" --plot-dir "$OUT_DIR/plots_hf" > "$OUT_DIR/hf.txt" 2>&1
-kill -TERM $HF; wait $HF
+kill -TERM $HF; wait $HF || true  # ends by our SIGTERM
