@@ -30,6 +30,9 @@ _EXPORTS = {
     "rotary_store_kv_": "fused_ops",
     "silu_and_mul": "fused_ops",
     "sample_tokens": "sampling",
+    "skinny_linear": "gemv",
+    "GemvConfig": "gemv",
+    "gemv_candidates": "gemv",
 }
 
 __all__ = sorted(_EXPORTS)

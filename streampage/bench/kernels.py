@@ -9,7 +9,9 @@ bound and uses one). `--prefill-sweep` also times every candidate `PrefillConfig
 stages, Q in registers, register caps) at each prefill shape, checks each against SDPA's output and
 prints a table with the best config per shape (about a minute more). `--sweep` does that and tries
 decode tile configs and split counts (minutes). `--sampler` times only the sampler instead: the fused
-one-pass kernel against the PyTorch pipeline at a Qwen3 vocabulary (seconds).
+one-pass kernel against the PyTorch pipeline at a Qwen3 vocabulary (seconds). `--gemv` times only the
+skinny linear layers instead: `skinny_linear` (default config and every sweep candidate) against
+`F.linear` at Llama-3.2-1B and Llama-3-8B projection shapes, 1-8 rows (a few minutes).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from streampage.kernels.gemv import GemvConfig
     from streampage.kernels.paged_attention import PrefillConfig
 
 DEVICE = "cuda"
@@ -53,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also sweep decode tile configs and split counts, and prefill configs (minutes)")
     parser.add_argument("--sampler", action="store_true",
                         help="only the sampler: the fused one-pass kernel against the PyTorch pipeline")
+    parser.add_argument("--gemv", action="store_true",
+                        help="only the skinny linear layers: skinny_linear's default and sweep against F.linear, "
+                             "1-8 rows at Llama 1B / 8B shapes (a few minutes)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.sampler:
         return run_sampler(results, timer, started, args.output)
+    if args.gemv:
+        return run_gemv(results, timer, started, args.output)
     results["copy_tb_s"] = copy_bandwidth(timer)
     print(f"{props.name}: device copy {results['copy_tb_s']:.2f} TB/s (read + written)\n")
     results["decode"] = []
@@ -591,4 +599,147 @@ def print_sampler(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"{r['dtype']:>8} {r['rows']:>5} {r['mode']:>7} | {r['pytorch_us']:>9.1f} {r['fused_us']:>9.1f} | "
               f"{r['speedup']:>7.2f} | {r['kernel_graph_us']:>7.1f}")
+    print()
+
+
+# --- skinny linear layers (decode GEMV) --------------------------------------------------------------
+
+# (name, N, K): weight [N, K] of the Llama-3.2-1B and Llama-3-8B projections (qkv and gate_up merged).
+GEMV_SHAPES = [
+    ("1b qkv", 3072, 2048), ("1b o", 2048, 2048), ("1b gate_up", 16384, 2048), ("1b down", 2048, 8192),
+    ("1b lm_head", 128256, 2048),
+    ("8b qkv", 6144, 4096), ("8b o", 4096, 4096), ("8b gate_up", 28672, 4096), ("8b down", 4096, 14336),
+    ("8b lm_head", 128256, 4096),
+]
+GEMV_ROWS = [1, 2, 4, 8]
+GEMV_LAYERS = {"1b": 16, "8b": 32}  # decoder layers: a layer's four projections x this = per token
+GEMV_SWEEP_REPS = 5  # timed samples per sweep candidate; the best is then re-timed with --reps
+
+
+def run_gemv(results: dict[str, Any], timer: Timer, started: float, output: str | None) -> int:
+    """Every shape x rows: F.linear, the default GemvConfig and the best sweep candidate, graph-replayed
+    over rotating weight copies. Rows print as they are measured and the JSON is rewritten after each
+    shape, so a run cut short keeps what it measured."""
+    del results["shape"]  # the attention shapes
+    results["copy_tb_s"] = copy_bandwidth(timer)
+    print(f"{results['device']}: device copy {results['copy_tb_s']:.2f} TB/s (read + written)\n")
+    print_gemv_header()
+    results["gemv"] = []
+    for name, n, k in GEMV_SHAPES:
+        results["gemv"] += bench_gemv_shape(name, n, k, timer, results["copy_tb_s"])
+        torch.cuda.empty_cache()  # this shape's weight copies
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        if output:
+            with open(output, "w") as f:
+                json.dump(results, f, indent=2)
+    print()
+    print_gemv_summary(results["gemv"])
+    return 0
+
+
+def gemv_config_name(cfg: GemvConfig) -> str:
+    """'32x256 k5 w4 s4 mma': tile rows x columns, K splits, warps, stages, MMA or FMA."""
+    return (f"{cfg.block_n}x{cfg.block_k} k{cfg.split_k} w{cfg.num_warps} s{cfg.num_stages} "
+            f"{'mma' if cfg.dot else 'fma'}")
+
+
+def bench_gemv_shape(name: str, n: int, k: int, timer: Timer, copy_tb_s: float) -> list[dict[str, Any]]:
+    """One weight shape at every row count, over enough weight copies that L2 holds none of them."""
+    weight_bytes = n * k * torch.bfloat16.itemsize
+    weights = [(torch.randn(n, k, device=DEVICE) / k**0.5).to(torch.bfloat16) for _ in range(input_sets(weight_bytes))]
+    rows = []
+    for m in GEMV_ROWS:
+        row = bench_gemv_case(weights, m, timer, copy_tb_s)
+        row["name"] = name
+        print_gemv_row(row)
+        rows.append(row)
+    return rows
+
+
+def bench_gemv_case(weights: list[torch.Tensor], m: int, timer: Timer, copy_tb_s: float) -> dict[str, Any]:
+    """F.linear, the default config and every sweep candidate at one shape and row count. Each config
+    is checked against an fp32 product first (never chosen as best beyond SWEEP_TOLERANCE); one that
+    fails to compile or launch is reported and skipped."""
+    from streampage.kernels import GemvConfig, gemv_candidates, skinny_linear
+    from streampage.kernels.paged_attention import num_sms
+
+    n, k = weights[0].shape
+    x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+    expected = x.float() @ weights[0].float().T
+    sms = num_sms(torch.device(DEVICE))
+
+    def calls(cfg: GemvConfig) -> list[Callable[[], Any]]:
+        return [functools.partial(skinny_linear, x, w, config=cfg) for w in weights]
+
+    def error(cfg: GemvConfig) -> float:
+        actual = skinny_linear(x, weights[0], config=cfg).float()
+        return float(((actual - expected).abs() / (1 + expected.abs())).max())
+
+    weight_bytes = weights[0].numel() * weights[0].element_size()
+    row: dict[str, Any] = {"n": n, "k": k, "m": m, "weight_bytes": weight_bytes, "input_sets": len(weights)}
+    row["linear_us"] = timer.graph([functools.partial(F.linear, x, w) for w in weights])
+    default = GemvConfig.default(m, n, k, sms)
+    row["default"] = gemv_config_name(default)
+    row["default_error"] = error(default)
+    row["default_us"] = timer.graph(calls(default))
+    sweep_timer = Timer(min(timer.reps, GEMV_SWEEP_REPS))
+    sweep = []
+    for cfg in gemv_candidates(m, n, k, sms):
+        entry: dict[str, Any] = {"config": gemv_config_name(cfg), **dataclasses.asdict(cfg)}
+        try:
+            entry["max_error"] = error(cfg)
+            entry["us"] = sweep_timer.graph(calls(cfg))
+        except Exception as exc:  # a config the compiler or the SM cannot fit is reported, not fatal
+            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        sweep.append(entry)
+    row["sweep"] = sweep
+    timed = [e for e in sweep if "us" in e and e["max_error"] <= SWEEP_TOLERANCE]
+    if timed:
+        best = min(timed, key=lambda e: e["us"])
+        row["best"] = best["config"]
+        best_cfg = GemvConfig(**{f.name: best[f.name] for f in dataclasses.fields(GemvConfig)})
+        row["best_us"] = timer.graph(calls(best_cfg))  # re-timed with the full count of samples
+    for key in ("linear", "default", "best"):
+        if f"{key}_us" in row:
+            row[f"{key}_copy_share"] = weight_bytes / row[f"{key}_us"] / 1e6 / copy_tb_s
+    return row
+
+
+def print_gemv_header() -> None:
+    print("skinny_linear vs F.linear, bf16, weight [N, K]: us per call (median, graph replay, rotating weight "
+          "copies);\n%copy = weight bytes / time / copy bandwidth; '!' = output off the fp32 product by more "
+          f"than {SWEEP_TOLERANCE}")
+    header = (f"{'shape':>12} {'N x K':>14} {'M':>2} | {'F.linear':>8} {'%copy':>5} | {'default':>8} {'%copy':>5} | "
+              f"{'best':>8} {'%copy':>5} {'x lin':>5} | best config")
+    print(header)
+    print("-" * len(header))
+
+
+def print_gemv_row(r: dict[str, Any]) -> None:
+    def cell(key: str) -> str:
+        share = r.get(f"{key}_copy_share")
+        return f"{_num(r.get(f'{key}_us'), 8)} {_num(None if share is None else 100 * share, 5, 0)}"
+
+    flag = "!" if r["default_error"] > SWEEP_TOLERANCE else " "
+    speedup = r["linear_us"] / r["best_us"] if "best_us" in r else None
+    print(f"{r['name']:>12} {r['n']:>6} x {r['k']:>5} {r['m']:>2} | {cell('linear')} | {cell('default')}{flag}| "
+          f"{cell('best')} {_num(speedup, 5, 2)} | {r.get('best', 'none ran correctly')}", flush=True)
+    for e in r["sweep"]:
+        if "error" in e:
+            print(f"{'':>12}   {e['config']}: {e['error']}")
+
+
+def print_gemv_summary(rows: list[dict[str, Any]]) -> None:
+    """Per model and row count: one decoder layer's four projections, F.linear against the best
+    configs, and the difference over all layers (per decode step, before the LM head)."""
+    print("one decoder layer (qkv + o + gate_up + down), us: F.linear / best skinny_linear; x layers = per step")
+    for model, layers in GEMV_LAYERS.items():
+        for m in GEMV_ROWS:
+            layer = [r for r in rows if r["m"] == m and r["name"].startswith(model) and "lm_head" not in r["name"]]
+            if len(layer) != 4 or any("best_us" not in r for r in layer):
+                continue
+            linear = sum(r["linear_us"] for r in layer)
+            best = sum(min(r["best_us"], r["linear_us"]) for r in layer)
+            print(f"  {model} M={m}: {linear:7.1f} / {best:7.1f} us per layer; x {layers} layers: "
+                  f"{(linear - best) * layers / 1e3:.3f} ms saved per step")
     print()

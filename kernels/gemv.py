@@ -1,0 +1,231 @@
+"""Skinny linear layers for decode: `skinny_linear(x, weight, bias)` = `F.linear` for 1-8 rows.
+
+At batch 1-8 a projection reads its whole weight to produce a few rows, so its floor is the weight's
+bytes over the memory bandwidth. cuBLAS reaches 33-60% of that on the small projections of a 1B model
+(`docs/benchmarks.md`): too few bytes in flight. Here every program streams [BLOCK_N, BLOCK_K] tiles of
+`weight` (nn.Linear's row-major [N, K]: each tile row is BLOCK_K contiguous elements) through a loop
+pipelined `num_stages` deep, and computes all M rows of x against each tile, so the weight is read
+once whatever M. Accumulation is in fp32. Two ways to multiply a tile, a config choice:
+
+    FMA  (dot=False)  x [M_PAD, BLOCK_K] * tile [BLOCK_N, BLOCK_K] broadcast to 3-D and summed over K,
+                      M_PAD = next power of two >= M: no wasted rows, but M_PAD multiply-adds per weight
+                      element (at M = 8 about half the SM's FMA rate at full bandwidth).
+    MMA  (dot=True)   tl.dot of x padded to 16 rows with the tile's transpose: the tensor cores do the
+                      arithmetic (15/16 of it wasted at M = 1, which costs nothing here).
+
+Short-N, long-K shapes (a 1B model's down projection: N 2048, K 8192) have too few N tiles to fill
+the GPU, so K can be split over `split_k` programs per N tile (grid (N tiles, split_k)). Each writes
+its fp32 partial [M, BLOCK_N] to a workspace, then counts itself in with an atomic on its tile's
+counter; the program that arrives last sums the partials in split order (deterministic), adds the
+bias, stores y and puts the counter back to zero. One launch, no memset: the counters are zero before
+and after every call, so the kernel replays safely in a CUDA graph. Launches depend only on shapes
+and the config (no per-step scalars); the partials workspace is allocated per call (shape-sized; the
+graph's pool inside a capture).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .paged_attention import num_sms
+
+MAX_ROWS = 8  # rows (tokens) per call: decode batches of 1-8
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # weight rows (outputs) per program, a power of two >= 16
+    block_k: int  # weight columns per loop iteration, a power of two >= 16
+    split_k: int  # programs per N tile, each over a contiguous run of whole BLOCK_K tiles
+    num_warps: int
+    num_stages: int  # tiles in flight per program: num_stages - 1 loads run ahead of the multiply
+    dot: bool = False  # tensor-core MMA on x padded to 16 rows instead of FMAs (module docstring)
+
+    def shared_bytes(self, M: int, itemsize: int) -> int:
+        """Shared memory of the pipeline: num_stages - 1 buffers of a weight tile and an x tile (16 rows
+        for MMAs), as Triton 3.9 allocates them for sm_90 (checked against the compiled kernels)."""
+        rows = 16 if self.dot else triton.next_power_of_2(M)
+        return (self.num_stages - 1) * (self.block_n + rows) * self.block_k * itemsize
+
+    @staticmethod
+    def default(M: int, N: int, K: int, sms: int = 132, itemsize: int = 2) -> GemvConfig:
+        """A first guess, to be replaced by the H200 sweep (`streampage bench kernels --gemv`).
+
+        Tiles of 16 KB (32 rows x 512 bytes: every row of a tile is four full 128-byte lines), four
+        stages (three tiles, 48 KB, in flight per program; 50-72 KB of shared memory, so three
+        programs fit an SM).
+        Little's law at 4.2 TB/s and ~1.5 us of loaded latency wants ~50 KB in flight per SM, so the
+        grid should give every SM about two programs: N tiles, times a K split when there are too
+        few of them, with at least two tiles per split. MMAs from M = 2 on, where the FMA count per
+        weight element doubles with every doubling of M."""
+        block_k = 512 // itemsize
+        block_n = 32
+        n_tiles = triton.cdiv(N, block_n)
+        k_tiles = triton.cdiv(K, block_k)
+        split_k = max(1, min(triton.cdiv(2 * sms, n_tiles), k_tiles // 2))
+        split_k = balanced_split(k_tiles, split_k)
+        return GemvConfig(block_n, block_k, split_k, 4, 4, dot=M > 1)
+
+
+def balanced_split(k_tiles: int, split_k: int) -> int:
+    """The split count that gives every split the same whole number of tiles (the last one fewer)
+    and leaves none empty: ceil(k_tiles / ceil(k_tiles / split_k))."""
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, max(1, split_k)))
+
+
+# An H100 / H200 program may opt into 227 KB of shared memory.
+SHARED_LIMIT = 227 * 1024
+
+
+def gemv_candidates(M: int, N: int, K: int, sms: int = 132, itemsize: int = 2,
+                    shared_limit: int = SHARED_LIMIT) -> list[GemvConfig]:
+    """The configs `streampage bench kernels --gemv` times at one shape, the default first.
+
+    Tiles of 16 and 32 KB in several aspect ratios (narrow tiles of long rows, or more rows per
+    program), 4 or 8 warps, 3-6 stages (those that fit `shared_limit`), each at the split counts that
+    give about one, two and four programs per SM (duplicates dropped). MMA always; FMA only for M <= 2:
+    compiled for sm_90, the FMA path's registers grow with M's power of two (a 32 x 256 tile at 4 warps:
+    72 registers at M 1, 122 at 2, 230 at 4, spills at 8). Split counts are runtime arguments, so the
+    compiles are per tile, warps, stages, MMA and (FMA only) M's power of two."""
+    tiles = [(rows, row_bytes // itemsize)
+             for rows, row_bytes in ((16, 1024), (32, 512), (64, 256), (32, 1024), (128, 256))]
+    found = [GemvConfig.default(M, N, K, sms, itemsize)]
+    for block_n, block_k in tiles:
+        n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
+        splits = sorted({balanced_split(k_tiles, triton.cdiv(per_sm * sms, n_tiles)) for per_sm in (1, 2, 4)})
+        for dot in (True, False) if M <= 2 else (True,):
+            for warps, stages in ((4, 3), (4, 4), (4, 6), (8, 4)):
+                for split_k in splits:
+                    cfg = GemvConfig(block_n, block_k, split_k, warps, stages, dot)
+                    if cfg not in found and cfg.shared_bytes(M, itemsize) <= shared_limit:
+                        found.append(cfg)
+    return found
+
+
+# Per device, the split-K arrival counters: int32, zero between calls (each call's last program of a
+# tile resets its counter). Shared by every call on the device, so split-K calls must not run on two
+# streams at once (the model runs one stream). Grown, never shrunk; growing inside a CUDA graph
+# capture would put the buffer in the graph's pool, so run each shape once before capturing (which
+# compiling the kernel requires anyway).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, count: int) -> torch.Tensor:
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+
+
+@triton.jit
+def _skinny_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, counter_ptr,
+    M, N, K, k_per_split, split_k,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, M_PAD)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past N read row N - 1 and are never stored: the weight loads need no N mask.
+    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
+    k_start = split * k_per_split  # k_per_split is a whole number of tiles: no tile straddles splits
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_start + offs_k)[None, :] * stride_wk
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
+    row_ok = offs_m[:, None] < M
+    acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
+    # tl.range's num_stages pipelines every load of the loop (the kernel-level num_stages would
+    # pipeline only loads that feed a tl.dot, i.e. not the FMA path's).
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+        else:
+            in_k = (k + offs_k)[None, :] < K
+            w = tl.load(w_ptrs, mask=in_k, other=0.0)
+            x = tl.load(x_ptrs, mask=row_ok & in_k, other=0.0)
+        if DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+
+    out_mask = row_ok & (offs_n[None, :] < N)
+    if SPLIT:
+        # Partials are [split_k, M, N] fp32. The barrier orders every thread's partial store before
+        # the (one-thread) release-acquire atomic; the last to arrive then sees all partials.
+        part_ptrs = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptrs + split * M * N, acc, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
+            for s in range(split_k):  # in split order, whichever program came last: deterministic
+                acc += tl.load(part_ptrs + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(counter_ptr + pid_n, 0)
+            _store_rows(acc, bias_ptr, y_ptr, offs_m, offs_n, N, stride_b, stride_ym, out_mask, HAS_BIAS)
+    else:
+        _store_rows(acc, bias_ptr, y_ptr, offs_m, offs_n, N, stride_b, stride_ym, out_mask, HAS_BIAS)
+
+
+@triton.jit
+def _store_rows(acc, bias_ptr, y_ptr, offs_m, offs_n, N, stride_b, stride_ym, out_mask, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def skinny_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: GemvConfig | None = None
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 8, in x's dtype.
+
+    x may be any strided view (rows of a larger buffer, an offset start); weight and bias any strides.
+    `config` defaults to `GemvConfig.default` for the shape and device."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"skinny_linear wants x [M, K] and weight [N, K], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    M, K = x.shape
+    N = weight.shape[0]
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"skinny_linear takes 1 to {MAX_ROWS} rows, got {M}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    cfg = config or GemvConfig.default(M, N, K, num_sms(x.device), x.element_size())
+    k_tiles = triton.cdiv(K, cfg.block_k)
+    tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
+    split_k = triton.cdiv(k_tiles, tiles_per_split)  # the config's count, less any split left empty
+    n_tiles = triton.cdiv(N, cfg.block_n)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if split_k > 1:
+        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        counters = _counters(x.device, n_tiles)
+    else:
+        partials = counters = y  # never read: the kernel's SPLIT branch is compiled out
+    _skinny_linear_kernel[(n_tiles, split_k)](
+        x, weight, y if bias is None else bias, y, partials, counters,
+        M, N, K, tiles_per_split * cfg.block_k, split_k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0),
+        y.stride(0),
+        M_PAD=16 if cfg.dot else triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        NUM_STAGES=cfg.num_stages, SPLIT=split_k > 1, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=bias is not None,
+        DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
+    )
+    return y
