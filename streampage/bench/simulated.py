@@ -1,8 +1,14 @@
 """A model-free executor: deterministic tokens, so scheduling and block bookkeeping can be measured and
 tested without a model. It also checks what a real runner relies on: every row's block table covers
-the slots it is about to write."""
+the slots it is about to write.
+
+Tokens depend on the request id, the sequence's seat in its request and the position, never on the
+process-wide sequence counter: replaying the same requests gives the same tokens (hypothesis replays
+its examples and needs them to behave alike)."""
 
 from __future__ import annotations
+
+import zlib
 
 from streampage.engine.scheduler import SchedulerOutput
 from streampage.runner.step_types import RowResult
@@ -32,7 +38,8 @@ class SimulatedExecutor:
             if end != seq.num_tokens:
                 results.append(None)
                 continue
-            results.append(self._sample(seq.seq_id, end, group.num_samples(), group.num_logprobs(self.num_eos_tokens)))
+            key = zlib.crc32(group.request_id.encode()) * 4096 + group.seqs.index(seq)
+            results.append(self._sample(key, end, group.num_samples(), group.num_logprobs(self.num_eos_tokens)))
         return results
 
     def _token(self, key: int) -> int:
@@ -41,12 +48,12 @@ class SimulatedExecutor:
             token = (token + 1) % self.vocab_size
         return token
 
-    def _sample(self, seq_id: int, position: int, num_samples: int, num_logprobs: int) -> RowResult:
-        tokens = [self._token(seq_id * 7919 + position * 31 + i) for i in range(num_samples)]
+    def _sample(self, seq_key: int, position: int, num_samples: int, num_logprobs: int) -> RowResult:
+        tokens = [self._token(seq_key * 7919 + position * 31 + i) for i in range(num_samples)]
         logprobs = [-1.0 - 0.01 * (t % 7) for t in tokens]
         top = None
         if num_logprobs:
-            ids = [self._token(seq_id * 131 + position * 17 + i) for i in range(num_logprobs)]
+            ids = [self._token(seq_key * 131 + position * 17 + i) for i in range(num_logprobs)]
             ids = list(dict.fromkeys(ids))
-            top = (ids, [-0.5 - 0.25 * i - 0.001 * (seq_id % 5) for i in range(len(ids))])
+            top = (ids, [-0.5 - 0.25 * i - 0.001 * (seq_key % 5) for i in range(len(ids))])
         return RowResult(tokens, logprobs, top)
