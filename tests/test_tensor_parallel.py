@@ -27,7 +27,8 @@ from streampage import LLM, SamplingParams
 from streampage.config import EngineConfig
 from streampage.distributed import Rendezvous, init_tensor_parallel, join_world, open_store, shutdown_tensor_parallel
 from streampage.engine import llm_engine
-from streampage.runner.model_runner import CacheMoves, StepInputs
+from streampage.runner.model_runner import CacheMoves
+from streampage.runner.step_inputs import StepInputs
 from streampage.runner.tp_control import Kind, decode, encode
 from streampage.runner.tp_executor import TensorParallelError, TensorParallelExecutor
 

@@ -245,7 +245,10 @@ class LLMEngine:
                                               seq.stop_reason))
             else:
                 self._append_sampled(group, seq, index, result, entry[1])
-            if seq.status is not SeqStatus.FINISHED:
+            # Only a step that filled a block has a prefix to record (one row in block_size when
+            # decoding); a block missed here, e.g. while the sequence was swapped out, is recorded
+            # with the next one.
+            if seq.status is not SeqStatus.FINISHED and seq.num_computed_tokens % block_size < n:
                 kv.commit_computed(seq)
         for request_id, beam in beam_rows.items():
             group, delta = touched[request_id]

@@ -1,9 +1,7 @@
-"""One step on the device: build the step's tensors, run the model over the paged KV pool, sample.
+"""One step on the device: the step's tensors, the model over the paged KV pool, sampling.
 
-Per row the scheduler says which sequence runs and how many of its tokens (starting at its
-`num_computed_tokens`). The runner flattens all rows into one token batch: input ids, positions,
-`slot_mapping` (where each token's K/V goes), block tables, context lengths and query start offsets;
-rows that reach the end of their tokens are sampled. Decode-only batches may replay a CUDA graph
+The scheduler's rows become one token batch on the host (`streampage.runner.step_inputs`); rows that
+reach the end of their tokens are sampled. Decode-only batches may replay a CUDA graph
 (`streampage.runner.cuda_graphs`); everything else runs eagerly.
 """
 
@@ -19,32 +17,13 @@ import torch
 from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.llama import LlamaForCausalLM
 from streampage.model.sampler import DeviceSample, SamplingMetadata, sample_on_device
-from streampage.runner.block_table_mirror import BlockTableMirror
 from streampage.runner.cache_engine import BlockPairs, CacheEngine
 from streampage.runner.cuda_graphs import DecodeGraphs
+from streampage.runner.step_inputs import StepInputBuilder, StepInputs
 from streampage.runner.step_types import RowResult
 
 if TYPE_CHECKING:  # the runner reads the scheduler's rows; it never calls into the engine
     from streampage.engine.scheduler import SchedulerOutput
-
-
-@dataclass
-class StepInputs:
-    """Host-side arrays of one step (int64/int32 numpy), ready to copy to the device."""
-
-    input_ids: np.ndarray  # [T]
-    positions: np.ndarray  # [T]
-    slot_mapping: np.ndarray  # [T]
-    block_tables: np.ndarray  # [B, max_blocks] int32
-    context_lens: np.ndarray  # [B] int32
-    query_start_loc: np.ndarray  # [B + 1] int32
-    sample_rows: list[int]  # rows whose last token is sampled
-    max_query_len: int
-    is_decode: bool
-    # Tokens the previous step is still sampling (the engine schedules ahead): their indices in
-    # input_ids, and where each one lies in that step's sampled-token tensor on the device.
-    placeholders: np.ndarray
-    placeholder_sources: np.ndarray
 
 
 class CacheMoves(NamedTuple):
@@ -72,21 +51,17 @@ class ModelRunner:
         self.device = device
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' random streams
         self.graphs: DecodeGraphs | None = None
-        self.mirror = BlockTableMirror(max_blocks_per_seq)
+        self.inputs = StepInputBuilder(block_size, max_blocks_per_seq)
         self._metadata_key: list | None = None  # the rows' requests when the cached metadata was built
         self._metadata: SamplingMetadata | None = None
         self._prev_tokens = torch.empty(0, dtype=torch.int64, device=device)  # the last step's draws
-        # The last step's sampling rows (its sequences, their rows), read only when a step has
-        # placeholders (async scheduling): building a seq_id -> draw map every step would cost
-        # the synchronous path for nothing.
-        self._prev_rows: tuple[list, list[int]] = ([], [])
         # Host seconds per phase, for benchmarks; "gpu_wait" is time blocked on the device (in "sample").
         self.timing = dict.fromkeys(("prepare", "launch", "sample", "gpu_wait"), 0.0)
         model.bind_kv_cache(cache.gpu_pool)
 
     def capture_graphs(self, max_batch: int) -> None:
         """Record decode steps of up to max_batch sequences as CUDA graphs (CUDA devices only)."""
-        self.graphs = DecodeGraphs(self.model, max_batch, self.mirror.table.shape[1], self.device)
+        self.graphs = DecodeGraphs(self.model, max_batch, self.inputs.mirror.table.shape[1], self.device)
         self.graphs.capture()
 
     def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
@@ -98,7 +73,7 @@ class ModelRunner:
         for request_id in out.finished_request_ids:
             self.generators.pop(request_id, None)
         start = time.perf_counter()
-        inputs = self.prepare_inputs(out) if out.seqs else None
+        inputs = self.inputs.build(out) if out.seqs else None
         prepared = time.perf_counter()
         moves = CacheMoves(out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy)
         logits = self.execute_step(moves, inputs)
@@ -111,7 +86,7 @@ class ModelRunner:
             sampled = sample_on_device(logits, metadata)
             if max(metadata.num_samples) == 1:  # the next step may read these tokens as its inputs
                 self._prev_tokens = sampled.tokens
-                self._prev_rows = (out.seqs, inputs.sample_rows)
+                self.inputs.remember_sampled(out.seqs, inputs.sample_rows)
         timing = self.timing
         timing["prepare"] += prepared - start
         timing["launch"] += launched - prepared
@@ -131,44 +106,6 @@ class ModelRunner:
             results[row] = RowResult(sampled.token_ids[i], sampled.logprobs[i],
                                      None if top is None else (top.token_ids, top.logprobs))
         return results
-
-    def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
-        """Flatten the scheduled rows into one token batch (numpy; no per-token Python objects)."""
-        seqs, block_size = out.seqs, self.block_size
-        num_rows = len(seqs)
-        rows = self.mirror.update([s.seq_id for s in seqs], out.block_tables, out.rewritten_seq_ids,
-                                  out.dropped_seq_ids)
-        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_rows)
-        if out.is_decode_only:
-            counts = np.ones(num_rows, dtype=np.int64)
-            input_ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=num_rows)
-            positions = starts
-            sample_rows = list(range(num_rows))
-        else:
-            counts = np.fromiter(out.num_new_tokens, dtype=np.int64, count=num_rows)
-            ends = (starts + counts).tolist()
-            input_ids = np.fromiter((t for s, a, b in zip(seqs, starts.tolist(), ends, strict=True)
-                                     for t in s.token_ids[a:b]), dtype=np.int64, count=out.num_batched_tokens)
-            positions = np.arange(out.num_batched_tokens, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts
-                                                                                     - starts, counts)
-            sample_rows = [row for row, (s, end) in enumerate(zip(seqs, ends, strict=True)) if end == len(s.token_ids)]
-        context_lens = (starts + counts).astype(np.int32)
-        width = -(-int(context_lens.max()) // block_size)
-        block_tables = self.mirror.table[rows, :width]
-        row_of_token = np.repeat(np.arange(num_rows), counts) if not out.is_decode_only else np.arange(num_rows)
-        slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size + (
-            positions % block_size)
-        query_start_loc = np.zeros(num_rows + 1, dtype=np.int32)
-        np.cumsum(counts, out=query_start_loc[1:])
-        placeholders = np.flatnonzero(input_ids < 0)
-        sources = np.empty(0, dtype=np.int64)
-        if len(placeholders):
-            prev_seqs, prev_rows = self._prev_rows
-            draw_of = {prev_seqs[row].seq_id: i for i, row in enumerate(prev_rows)}
-            sources = np.fromiter((draw_of[seqs[row].seq_id] for row in row_of_token[placeholders].tolist()),
-                                  dtype=np.int64, count=len(placeholders))
-        return StepInputs(input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc,
-                          sample_rows, int(counts.max()), out.is_decode_only, placeholders, sources)
 
     def execute_step(self, moves: CacheMoves, inputs: StepInputs | None) -> torch.Tensor | None:
         """The part of a step every tensor-parallel rank runs alike: the block moves, then the forward.

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from streampage.runner.model_runner import CacheMoves, StepInputs
+from streampage.runner.model_runner import CacheMoves
+from streampage.runner.step_inputs import StepInputs
 
 
 class Kind(IntEnum):

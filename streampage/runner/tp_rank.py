@@ -19,7 +19,8 @@ import torch.distributed as dist
 from streampage.config import EngineConfig
 from streampage.distributed import Rendezvous, init_tensor_parallel, join_world, tp_broadcast, tp_min, tp_rank
 from streampage.model.loader import LoadedModel
-from streampage.runner.model_runner import CacheMoves, ModelRunner, StepInputs
+from streampage.runner.model_runner import CacheMoves, ModelRunner
+from streampage.runner.step_inputs import StepInputs
 from streampage.runner.tp_control import ControlChannel, Kind, encode
 from streampage.runner.worker import Worker, resolve_device
 
