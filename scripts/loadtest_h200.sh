@@ -2,7 +2,7 @@
 # Issue 7 on the GPU host: a request-rate sweep to saturation against `streampage serve`, then the
 # same workload against HF `transformers serve --continuous-batching` through the OpenAI backend, on
 # one real safetensors checkpoint with seeded random weights. Usage: scripts/loadtest_h200.sh OUT_DIR
-# Needs the wheels of .whl/hfserve (fastapi, uvicorn, openai, pydantic, typer, accelerate, psutil...) for
+# Needs the wheels of .whl/hfserve (scripts/fetch_hfserve_wheels.sh: fastapi, uvicorn, openai, accelerate...) for
 # the HF server. HF's completions endpoint takes text only and refuses `ignore_eos`: its prompts go as
 # decoded text and its outputs end at max_tokens or at EOS (rare with random weights).
 set -u
