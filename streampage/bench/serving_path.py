@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import gc
 import json
 import os
 import pstats
@@ -38,7 +37,7 @@ from typing import Any
 from streampage.bench.simulated import SimulatedExecutor
 from streampage.bench.workloads import resolve_model
 from streampage.config import EngineConfig
-from streampage.engine.llm_engine import LLMEngine
+from streampage.engine.llm_engine import LLMEngine, freeze_long_lived_objects
 from streampage.engine.scheduler import SchedulerOutput
 from streampage.runner.step_types import RowResult
 from streampage.sampling_params import SamplingParams
@@ -114,6 +113,7 @@ def simulated_engine(config: EngineConfig, step_rate: float) -> tuple[LLMEngine,
     executor = PacedExecutor(SimulatedExecutor(vocab_size, block_size, avoid=frozenset(eos_ids)), step_rate)
     engine = LLMEngine(config, executor, num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=0,
                        max_model_len=max_model_len, eos_token_ids=eos_ids, vocab_size=vocab_size)
+    freeze_long_lived_objects()  # as LLMEngine.from_config does
     return engine, model_dir
 
 
@@ -274,8 +274,6 @@ def offline_tok_s(model_dir: str, args: argparse.Namespace) -> float:
     """The same workload through the same paced engine in this process, every request queued at once:
     the rate `bench throughput` would report for this simulated model."""
     engine, _ = simulated_engine(EngineConfig.create(model=model_dir), args.step_rate)
-    gc.collect()
-    gc.freeze()  # as the engine core does: no full collection walks the pool's records mid-run
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
     for i in range(args.num_prompts):
         engine.add_request(f"r{i}", [1 + (i * 7919 + j) % 999 for j in range(args.input_len)], params)

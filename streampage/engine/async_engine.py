@@ -9,7 +9,6 @@ queues, so the core never waits for a slow consumer (the server applies back-pre
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import queue
 import subprocess
@@ -21,6 +20,7 @@ from typing import Any
 
 from streampage.config import EngineConfig
 from streampage.engine.core_process import CoreInfo, decode_deltas, start_core
+from streampage.engine.llm_engine import freeze_long_lived_objects
 from streampage.engine.output_processor import OutputProcessor
 from streampage.model.loader import load_tokenizer
 from streampage.outputs import EngineDeadError, EngineStats, RequestOutput, RequestRejected
@@ -85,11 +85,8 @@ class AsyncEngine:
         self.model_name = info.model_dir
         self.tokenizer = load_tokenizer(info.model_dir)
         self._processor = OutputProcessor(self.tokenizer)
-        # The imported libraries (torch, transformers) and the tokenizer live as long as the process:
-        # out of the collector's sight, a full collection walks only per-request objects instead of
-        # stalling the event loop (and, through the pipe, the core) for a large heap.
-        gc.collect()
-        gc.freeze()
+        # A stalled event loop also stalls the core, through the pipe.
+        freeze_long_lived_objects()
         return self
 
     # ---- requests ----------------------------------------------------------------------------

@@ -20,7 +20,6 @@ step. While idle it blocks on the pipe (with a heartbeat timeout) instead of spi
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import socket
 import subprocess
@@ -89,13 +88,7 @@ def run_core(config: EngineConfig, conn: Connection,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s core %(levelname)s %(message)s")
     try:
         conn.send(("status", "loading the model"))
-        engine, model_dir = load(config)
-        # What loading built lives as long as the process (the block pool's per-block records, the
-        # model's objects): out of the collector's sight, a full collection walks only the requests'
-        # objects. Walking everything took ~0.25 s, three times a minute-long run at 256 streams,
-        # and the step loop stands still meanwhile.
-        gc.collect()
-        gc.freeze()
+        engine, model_dir = load(config)  # loaders freeze what they built (freeze_long_lived_objects)
         try:
             kv = engine.kv
             conn.send(("ready", CoreInfo(model_dir, engine.limits, kv.block_size, kv.gpu.num_blocks,

@@ -106,11 +106,7 @@ class LLMEngine:
             if isinstance(executor, TensorParallelExecutor):
                 executor.shutdown()
             raise
-        # Everything loaded so far (the model, the block pool's records, imported libraries) lives as
-        # long as the engine: frozen out of the collector's sight, a full collection walks only
-        # per-request objects instead of stalling the step loop for a quarter of a second.
-        gc.collect()
-        gc.freeze()
+        freeze_long_lived_objects()
         return engine, info
 
     # Executors with processes of their own (tensor parallelism) also have shutdown() and check_health().
@@ -393,6 +389,15 @@ class LLMEngine:
         running = [s for g in self.scheduler.running for s in g.live_seqs()]
         swapped = [s for g in self.scheduler.swapped for s in g.live_seqs()]
         self.kv.check_invariants(running, swapped)
+
+
+def freeze_long_lived_objects() -> None:
+    """Move everything alive now (a loaded model, the block pool's per-block records, imported
+    libraries, a tokenizer) out of the garbage collector's sight. They live as long as the process;
+    left in view, every full collection walks them all, which stood an engine's step loop still for
+    ~0.25 s every ~2 s at 256 streams. Call once loading is done."""
+    gc.collect()
+    gc.freeze()
 
 
 def _has_penalties(params: SamplingParams) -> bool:

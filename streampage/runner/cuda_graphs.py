@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from streampage import kernels
 from streampage.model.forward_context import AttentionMetadata, forward_context
-from streampage.model.layers import Attention
 from streampage.model.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ class DecodeGraphs:
         self.buffers = DecodeBuffers.allocate(max_batch, max_blocks_per_seq, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._bucket_of = np.searchsorted(np.array(self.buckets), np.arange(max_batch + 1))
-        kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
+        kv_heads = model.attention_layers()[0].num_kv_heads
         self._splits = {b: kernels.graph_split_plan(b, kv_heads, kernels.num_sms(device)) for b in self.buckets}
         # Steps are queued ahead of the host, so the pinned mirrors may only be refilled once the
         # device has copied the previous step's inputs out of them.

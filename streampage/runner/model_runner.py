@@ -46,7 +46,6 @@ class ModelRunner:
                  device: torch.device, max_blocks_per_seq: int) -> None:
         self.model = model
         self.cache = cache
-        self.block_size = block_size
         self.eos_token_ids = list(eos_token_ids)
         self.device = device
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' random streams
