@@ -1,29 +1,17 @@
-"""GPU probes behind two design choices (prints two tables):
+"""paged_decode on mixed context lengths (uniform in [100, 2048], the nano-vllm workload's spread)
+and on equal ones, for fixed split counts and for what a decode CUDA graph uses (`graph_split_plan`):
+does splitting balance long and short rows? (cuBLAS at 1-8 rows: `streampage bench kernels --gemv`.)
 
-1. paged_decode on mixed context lengths (uniform in [100, 2048], the nano-vllm workload's spread) at
-   batch 64/128/256 for split counts 1-8: does splitting balance long and short rows?
-2. bf16 x @ W^T at 1-8 rows for the Llama-3.2-1B and Llama-3-8B projection shapes: cuBLAS's share of
-   the copy bandwidth, i.e. what a hand-written GEMV could still win at batch 1.
-
-    python3 scripts/probe_decode_gemm.py
+    python3 scripts/probe_mixed_decode.py
 """
 
 import functools
-import sys
 
 import torch
-import torch.nn.functional as F
 
 from streampage.bench.kernels import BLOCK_SIZE, DTYPE, HEAD_DIM, KV_HEADS, Q_HEADS, Timer, copy_bandwidth
 from streampage.kernels import DecodeWorkspace, graph_split_plan, paged_decode
 from streampage.kernels.paged_attention import num_sms
-
-GEMM_SHAPES = {  # name: (K, N)
-    "1b qkv": (2048, 3072), "1b o": (2048, 2048), "1b gate_up": (2048, 16384), "1b down": (8192, 2048),
-    "1b lm_head": (2048, 128256),
-    "8b qkv": (4096, 6144), "8b o": (4096, 4096), "8b gate_up": (4096, 28672), "8b down": (14336, 4096),
-    "8b lm_head": (4096, 128256),
-}
 
 
 def time_decode(timer: Timer, queries: list, pools: list, tables: torch.Tensor, lens: torch.Tensor,
@@ -67,29 +55,11 @@ def mixed_decode(timer: Timer, bandwidth: float) -> None:
         torch.cuda.empty_cache()
 
 
-def gemm(timer: Timer, bandwidth: float) -> None:
-    print("\nbf16 F.linear, us and share of copy bandwidth (weight bytes / time)")
-    print(f"{'shape':>12} {'K':>6} {'N':>7} " + " ".join(f"{'rows ' + str(m):>16}" for m in (1, 2, 4, 8)))
-    for name, (k, n) in GEMM_SHAPES.items():
-        sets = max(1, min(8, (512 << 20) // (k * n * 2)))
-        weights = [torch.randn(n, k, dtype=DTYPE, device="cuda") for _ in range(sets)]
-        cells = []
-        for m in (1, 2, 4, 8):
-            x = torch.randn(m, k, dtype=DTYPE, device="cuda")
-            us = timer.graph([functools.partial(F.linear, x, w) for w in weights])
-            cells.append(f"{us:8.2f} {k * n * 2 / us / 1e6 / bandwidth:6.1%}")
-        print(f"{name:>12} {k:>6} {n:>7} " + " ".join(f"{c:>16}" for c in cells))
-        del weights
-        torch.cuda.empty_cache()
-
-
 def main() -> None:
     timer = Timer(9)
     bandwidth = copy_bandwidth(timer)
     print(f"copy bandwidth {bandwidth:.2f} TB/s")
     mixed_decode(timer, bandwidth)
-    if "--no-gemm" not in sys.argv:
-        gemm(timer, bandwidth)
 
 
 if __name__ == "__main__":
