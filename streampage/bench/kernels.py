@@ -100,11 +100,16 @@ def run(args: argparse.Namespace) -> int:
         results["sweep"] = sweep(min(args.reps, 7))
     if args.sweep or args.prefill_sweep:
         results["prefill_sweep"] = prefill_sweep(min(args.reps, 7), results["prefill"])
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+    save_results(results, started, args.output)
     return 0
+
+
+def save_results(results: dict[str, Any], started: float, output: str | None) -> None:
+    """Stamp the run's duration and write everything as JSON (when asked)."""
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    if output:
+        with open(output, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 class Timer:
@@ -553,10 +558,7 @@ def run_sampler(results: dict[str, Any], timer: Timer, started: float, output: s
     del results["shape"]  # the attention shapes
     results["sampler"] = bench_sampler(timer)
     print_sampler(results["sampler"])
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    if output:
-        with open(output, "w") as f:
-            json.dump(results, f, indent=2)
+    save_results(results, started, output)
     return 0
 
 
@@ -628,10 +630,7 @@ def run_gemv(results: dict[str, Any], timer: Timer, started: float, output: str 
     for name, n, k in GEMV_SHAPES:
         results["gemv"] += bench_gemv_shape(name, n, k, timer, results["copy_tb_s"])
         torch.cuda.empty_cache()  # this shape's weight copies
-        results["seconds"] = round(time.perf_counter() - started, 1)
-        if output:
-            with open(output, "w") as f:
-                json.dump(results, f, indent=2)
+        save_results(results, started, output)
     print()
     print_gemv_summary(results["gemv"])
     return 0
