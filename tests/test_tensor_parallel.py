@@ -283,3 +283,35 @@ def test_one_gpu_engine_through_the_tensor_parallel_executor_matches_the_in_proc
     finally:
         llm.shutdown()
     assert not dist.is_initialized()
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_two_gpus_give_the_one_gpu_greedy_tokens_in_fp32_for_every_family(tmp_path):
+    """NCCL across two GPUs, each rank capturing decode graphs with the model's all-reduces and the LM
+    head's gather inside: the tokens of one GPU, prefix-cache hit included."""
+    cases = [(family, {}) for family in sorted(FAMILIES)] + [("qwen2", {"num_key_value_heads": 1})]
+    for family, overrides in cases:
+        path = make_checkpoint(tmp_path, family, **overrides)
+        expected, _ = run(path, 1, device="cuda")
+        got, cached = run(path, 2, device="cuda")
+        assert got == expected, (family, overrides)
+        assert cached == [40], family
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_two_gpus_in_bf16_give_the_same_tokens_from_graphs_and_eager(llama):
+    options = {**ENGINE, "dtype": "bfloat16", "device": "cuda", "num_gpu_blocks": 64, "tensor_parallel_size": 2}
+    results = []
+    for eager in (True, False):
+        llm = LLM(str(llama), enforce_eager=eager, **options)
+        try:
+            assert (llm.engine.executor.runner.graphs is None) == eager
+            results.append(token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)))
+        finally:
+            llm.shutdown()
+    assert results[0] == results[1]

@@ -5,6 +5,10 @@ every decode step is timed. The floor is the time to read the model's weights on
 bandwidth measured in the same run (batch 1 decode cannot beat it). Host time per step is the step's
 wall time minus the time the host spent blocked waiting for the GPU: scheduling, input preparation,
 graph launch, sampling set-up and output processing.
+
+With tensor parallelism the floor is one rank's weights (each GPU reads its shard), and a few decode
+steps per batch size run under the profiler to read the collectives' device time per step on rank 0:
+the NCCL kernels' time, which includes any wait for the slower rank.
 """
 
 from __future__ import annotations
@@ -39,7 +43,26 @@ def copy_bandwidth(device: torch.device, num_bytes: int = 2 << 30) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
-def decode_steps(llm, batch: int, input_len: int, output_len: int) -> dict:
+PROFILED_STEPS = 10
+
+
+def collective_ms_per_step(engine, steps: int) -> tuple[float, int]:
+    """Run `steps` engine steps under the profiler; the device time of NCCL kernels per step (ms) and
+    how many NCCL kernels ran (CUDA graph replays report their kernels one by one)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    nccl = [e for e in prof.events() if e.device_type == DeviceType.CUDA and "nccl" in e.name.lower()]
+    return sum(e.device_time for e in nccl) / steps / 1e3, len(nccl)
+
+
+def decode_steps(llm, batch: int, input_len: int, output_len: int, profile_collectives: bool = False) -> dict:
+    """Per-token latency at `batch` running sequences; with `profile_collectives`, the first decode steps
+    run under the profiler (untimed) to measure the collectives per step."""
     engine = llm.engine
     runner = engine.executor.runner
     workload = fixed_workload(batch, input_len, output_len, seed=batch)
@@ -49,6 +72,7 @@ def decode_steps(llm, batch: int, input_len: int, output_len: int) -> dict:
     sched = engine.scheduler
     while sched.waiting or any(s.num_uncomputed_tokens > 1 for g in sched.running for s in g.seqs):
         engine.step()  # prefill: not timed
+    collectives = collective_ms_per_step(engine, PROFILED_STEPS) if profile_collectives else None
     walls, hosts = [], []
     while engine.has_unfinished_requests():
         running = sum(len(g.seqs) for g in engine.scheduler.running)
@@ -60,8 +84,11 @@ def decode_steps(llm, batch: int, input_len: int, output_len: int) -> dict:
             walls.append(wall)
             hosts.append(wall - (runner.timing["gpu_wait"] - waited))
     walls.sort()
-    return {"batch": batch, "steps": len(walls), "median_ms": statistics.median(walls) * 1e3,
-            "p99_ms": walls[int(0.99 * (len(walls) - 1))] * 1e3, "host_ms": statistics.median(hosts) * 1e3}
+    row = {"batch": batch, "steps": len(walls), "median_ms": statistics.median(walls) * 1e3,
+           "p99_ms": walls[int(0.99 * (len(walls) - 1))] * 1e3, "host_ms": statistics.median(hosts) * 1e3}
+    if collectives is not None:
+        row["collective_ms"], row["collective_kernels"] = collectives
+    return row
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,16 +114,20 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = copy_bandwidth(torch.device("cuda"))
     weight_bytes = llm.info.shape.weight_bytes
     floor_ms = weight_bytes / bandwidth * 1e3
-    rows = [decode_steps(llm, b, args.input_len, args.output_len) for b in batches]
-    print(f"\n{args.model}: weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
-          f"weight-read floor {floor_ms:.3f} ms; prompt {args.input_len}, output {args.output_len}")
-    print(f"{'batch':>6}{'median ms/token':>17}{'p99 ms':>9}{'x floor':>9}{'host ms/step':>14}{'tok/s':>10}")
+    tp = llm.engine.config.parallel.tensor_parallel_size
+    rows = [decode_steps(llm, b, args.input_len, args.output_len, profile_collectives=tp > 1) for b in batches]
+    print(f"\n{args.model}, tensor parallel {tp}: weights {weight_bytes / 1e9:.2f} GB per rank, copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s, weight-read floor {floor_ms:.3f} ms; prompt {args.input_len}, "
+          f"output {args.output_len}")
+    print(f"{'batch':>6}{'median ms/token':>17}{'p99 ms':>9}{'x floor':>9}{'host ms/step':>14}{'tok/s':>10}"
+          + (f"{'NCCL ms/step':>14}" if tp > 1 else ""))
     for r in rows:
         r["x_floor"] = r["median_ms"] / floor_ms
         print(f"{r['batch']:>6}{r['median_ms']:>17.3f}{r['p99_ms']:>9.3f}{r['x_floor']:>9.2f}{r['host_ms']:>14.3f}"
-              f"{r['batch'] / r['median_ms'] * 1e3:>10.0f}")
-    result = {"model": args.model, "weight_bytes": weight_bytes, "copy_tb_s": bandwidth / 1e12,
-              "floor_ms": floor_ms, "rows": rows}
+              f"{r['batch'] / r['median_ms'] * 1e3:>10.0f}"
+              + (f"{r['collective_ms']:>14.3f}" if tp > 1 else ""))
+    result = {"model": args.model, "tensor_parallel_size": tp, "weight_bytes_per_rank": weight_bytes,
+              "copy_tb_s": bandwidth / 1e12, "floor_ms": floor_ms, "rows": rows}
     if args.compare == "hf":
         del llm
         torch.cuda.empty_cache()
