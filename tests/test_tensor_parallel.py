@@ -35,7 +35,9 @@ from streampage.runner.tp_executor import TensorParallelError, TensorParallelExe
 # A 96-token budget chunks the long prompts and mixes chunks with decodes; those steps' control messages
 # outgrow the frame sized by the step before (two broadcasts), decode steps fit one.
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8, 77, 12], [300, 12, 44], list(range(20, 61)), list(range(3, 123))]
-ENGINE = {"dtype": "float32", "block_size": 8, "max_num_seqs": 8, "max_num_batched_tokens": 96}
+# device "cpu": these tests are about gloo ranks on the CPU also on a GPU host; the GPU tests at the
+# end of the file ask for "cuda".
+ENGINE = {"device": "cpu", "dtype": "float32", "block_size": 8, "max_num_seqs": 8, "max_num_batched_tokens": 96}
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 
 
@@ -61,7 +63,7 @@ def token_ids(outputs) -> list[list[int]]:
 def run(path: Path, tensor_parallel_size: int, **options) -> tuple[list[list[int]], list[int]]:
     """Greedy tokens of PROMPTS, then of a prompt that extends PROMPTS[2] (a prefix-cache hit); the
     cached-token count of that second request."""
-    llm = LLM(str(path), tensor_parallel_size=tensor_parallel_size, num_gpu_blocks=64, **ENGINE, **options)
+    llm = LLM(str(path), tensor_parallel_size=tensor_parallel_size, num_gpu_blocks=64, **{**ENGINE, **options})
     try:
         first = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         second = llm.generate([[*PROMPTS[2], 9, 9]], GREEDY, use_tqdm=False)
@@ -190,7 +192,7 @@ def test_a_hung_rank_fails_the_engine_after_the_timeout_and_is_killed(llama):
 @pytest.mark.slow
 def test_spawned_ranks_exit_when_rank_zero_dies(llama):
     script = (f"import os, time\nfrom streampage import LLM\n"
-              f"llm = LLM({str(llama)!r}, tensor_parallel_size=2, num_gpu_blocks=64, dtype='float32')\n"
+              f"llm = LLM({str(llama)!r}, tensor_parallel_size=2, num_gpu_blocks=64, dtype='float32', device='cpu')\n"
               "print(llm.engine.executor.processes[0].pid, flush=True)\ntime.sleep(600)\n")
     rank0 = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -272,7 +274,7 @@ def test_nccl_device_group_of_one_carries_the_collectives():
 def test_one_gpu_engine_through_the_tensor_parallel_executor_matches_the_in_process_one(llama, monkeypatch):
     """TensorParallelExecutor at world size 1 (NCCL device group, the rank's runner capturing CUDA graphs,
     control messages and keepalives to nobody) gives the in-process engine's greedy tokens."""
-    options = {**ENGINE, "dtype": "bfloat16", "num_gpu_blocks": 64}
+    options = {**ENGINE, "device": "cuda", "dtype": "bfloat16", "num_gpu_blocks": 64}
     expected = token_ids(LLM(str(llama), **options).generate(PROMPTS, GREEDY, use_tqdm=False))
     monkeypatch.setattr(llm_engine, "Worker", TensorParallelExecutor)
     llm = LLM(str(llama), **options)
