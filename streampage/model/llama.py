@@ -251,9 +251,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] int64 -> hidden states [T, hidden_size] (before the LM head)."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden_size] -> logits [N, vocab_size] float32 (the same on every rank)."""
-        return self.lm_head.compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, hidden_size] -> logits [N, vocab_size] in the model's dtype (the same on every
+        rank), written into `out` when given."""
+        return self.lm_head.compute_logits(hidden, out)
 
     def attention_layers(self) -> list[Attention]:
         """The attention layers in order; layer i uses pool[i] of the KV pool."""

@@ -46,7 +46,7 @@ class DecodeBuffers:
     host_token_rows: torch.Tensor  # pinned mirrors of the above
     host_context_lens: torch.Tensor
     host_block_tables: torch.Tensor
-    logits: torch.Tensor | None = None  # [max_batch, vocab] float32, written by the graphs
+    logits: torch.Tensor | None = None  # [max_batch, vocab] in the model's dtype, written by the graphs
 
     @classmethod
     def allocate(cls, max_batch: int, max_blocks: int, device: torch.device) -> DecodeBuffers:
@@ -140,11 +140,7 @@ class DecodeGraphs:
         b = self.buffers
         with forward_context(b.metadata(bucket, self._splits[bucket])):
             hidden = self.model(b.input_ids[:bucket], b.positions[:bucket])
-        logits = self.model.compute_logits(hidden)
-        if b.logits is not None:
-            b.logits[:bucket].copy_(logits)
-            return b.logits[:bucket]
-        return logits
+        return self.model.compute_logits(hidden, None if b.logits is None else b.logits[:bucket])
 
     def fits(self, batch: int) -> bool:
         return batch <= self.max_batch and bool(self.graphs)

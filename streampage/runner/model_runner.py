@@ -115,7 +115,7 @@ class ModelRunner:
         return None if inputs is None else self.forward(inputs)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits of the sampled rows' last tokens, [len(sample_rows), vocab] float32."""
+        """Logits of the sampled rows' last tokens, [len(sample_rows), vocab] in the model dtype."""
         if inputs.is_decode and self.graphs is not None and self.graphs.fits(len(inputs.input_ids)):
             # Every decode row samples, so the graph's logits rows are the sampled rows.
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.context_lens,

@@ -51,7 +51,7 @@ def profile_peak_bytes(loaded: LoadedModel, config: EngineConfig, device: torch.
     with forward_context(metadata):
         hidden = loaded.model(input_ids, positions)
     logits = loaded.model.compute_logits(hidden[query_start_loc[1:].to(device).long() - 1])
-    torch.sort(logits, dim=-1)  # top-p / top-k sort the whole row: the sampler's worst case
+    torch.sort(logits.float(), dim=-1)  # top-p / top-k sort the whole fp32 row: the sampler's worst case
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del hidden, logits, pool
