@@ -151,21 +151,48 @@ class Timer:
         sample()
         return self._median(sample, calls)
 
-    def graph(self, fns: list[Callable[[], Any]]) -> float:
-        """Captured back to back in one CUDA graph and replayed: the kernel time a model step sees."""
+    def _capture(self, fns: list[Callable[[], Any]], calls: int | None = None) -> tuple[torch.cuda.CUDAGraph, int]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for fn in fns:  # compile before capture
                 fn()
         torch.cuda.current_stream().wait_stream(side)
-        calls = self._calls(fns)
+        calls = calls or self._calls(fns)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for i in range(calls):
                 fns[i % len(fns)]()
         graph.replay()
+        return graph, calls
+
+    def graph(self, fns: list[Callable[[], Any]]) -> float:
+        """Captured back to back in one CUDA graph and replayed: the kernel time a model step sees."""
+        graph, calls = self._capture(fns)
         return self._median(graph.replay, calls)
+
+    def graph_pair(self, first: list[Callable[[], Any]], second: list[Callable[[], Any]]) -> tuple[float, float, float]:
+        """Two variants' graphs replayed alternately (ABBA order), for a small difference between them:
+        clock and thermal drift during a run is larger than a 2% effect, and it cancels within a pair.
+        Returns both medians (us per call) and the median of the per-pair ratios second / first."""
+        graph_a, calls = self._capture(first)
+        graph_b, _ = self._capture(second, calls)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def timed(graph: torch.cuda.CUDAGraph) -> float:
+            begin.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end) * 1e3 / calls
+
+        times_a, times_b = [], []
+        for rep in range(3 * self.reps):
+            order = ((graph_a, times_a), (graph_b, times_b))
+            for graph, times in order if rep % 2 == 0 else reversed(order):
+                times.append(timed(graph))
+        ratios = [b / a for a, b in zip(times_a, times_b, strict=True)]
+        return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
 
 
 def copy_bandwidth(timer: Timer) -> float:
@@ -227,9 +254,12 @@ def bench_decode(num_seqs: int, context: int, timer: Timer, *, flex: bool) -> di
     workspace = DecodeWorkspace.allocate(num_seqs, Q_HEADS, HEAD_DIM, splits, DEVICE)
     row: dict[str, Any] = {"batch": num_seqs, "context": context, "splits": splits, "input_sets": inputs.sets,
                            "kv_bytes": inputs.kv_bytes}
-    for layout in ("scattered", "contiguous"):
-        calls = inputs.paged_calls(layout, num_splits=splits, workspace=workspace)
-        row[f"paged_{layout}_graph_us"] = timer.graph(calls)
+    layouts = {layout: inputs.paged_calls(layout, num_splits=splits, workspace=workspace)
+               for layout in ("contiguous", "scattered")}
+    contiguous_us, scattered_us, ratio = timer.graph_pair(layouts["contiguous"], layouts["scattered"])
+    row["paged_contiguous_graph_us"], row["paged_scattered_graph_us"] = contiguous_us, scattered_us
+    row["paging_cost"] = ratio - 1.0  # paired replays: the bar is on this
+    for layout, calls in layouts.items():
         row[f"paged_{layout}_eager_us"] = timer.eager(calls)
 
     # SDPA reads the same tokens laid out contiguously, q as [B, Hq, 1, D].
@@ -371,11 +401,12 @@ def prefill_flops(tokens: int, num_seqs: int) -> int:
 
 def print_decode(rows: list[dict[str, Any]], copy_tb_s: float) -> None:
     print("paged_decode (32 q / 8 kv heads, d 128, bf16, block 16): us per call (median); graph = CUDA "
-          "graph replay,\neager = Python launches; TB/s = KV bytes read / time; ratio = scattered graph / "
-          "best SDPA graph (bar: at most)")
+          "graph replay,\neager = Python launches; TB/s = KV bytes read / time; paging = scattered / contiguous "
+          "tables - 1,\nmedian of alternating replays (bar: 2%); ratio = scattered graph / best SDPA graph (bar: at "
+          "most)")
     header = (f"{'shape':>10} {'splits':>6} | {'scattered':>9} {'TB/s':>5} {'%copy':>5} {'eager':>7} | "
-              f"{'contig':>7} | {'SDPA':>7} {'variant':>10} {'eager':>7} | {'ratio':>5} {'bar':>5} {'':>4} | "
-              f"{'flex':>7}")
+              f"{'contig':>7} {'paging':>6} | {'SDPA':>7} {'variant':>10} {'eager':>7} | {'ratio':>5} {'bar':>5} "
+              f"{'':>4} | {'flex':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -385,7 +416,8 @@ def print_decode(rows: list[dict[str, Any]], copy_tb_s: float) -> None:
         shape = f"B{r['batch']}/{r['context']}"
         print(f"{shape:>10} {r['splits']:>6} | {r['paged_scattered_graph_us']:>9.1f} {tb_s:>5.2f} "
               f"{100 * tb_s / copy_tb_s:>5.0f} {r['paged_scattered_eager_us']:>7.1f} | "
-              f"{r['paged_contiguous_graph_us']:>7.1f} | {_num(r.get('sdpa_graph_us'))} "
+              f"{r['paged_contiguous_graph_us']:>7.1f} {100 * r['paging_cost']:>5.1f}% | "
+              f"{_num(r.get('sdpa_graph_us'))} "
               f"{r.get('sdpa_variant', 'n/a'):>10} {_num(r.get('sdpa_eager_us'))} | {_num(ratio, 5, 2)} "
               f"{_num(bar, 5, 2)} {verdict:>4} | {_num(r.get('flex_graph_us', r.get('flex_eager_us')))}")
         for key in ("sdpa_enable_gqa_error", "sdpa_repeat_kv_error", "flex_error", "flex_graph_error"):
