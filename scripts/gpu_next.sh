@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The next GPU session's first call: the issue-7 sweep against streampage and HF `transformers serve`
-# (files packed into one archive: the device returns few files), then the throughput bar with HF
-# continuous batching in the same run.
+# The next single-GPU call (about 9 minutes): the GPU tests touched since the last run, the kernel table
+# with the paired paging cost (issue 4), then the throughput bar with HF continuous batching in the
+# same run (issue 5). On nvidia-h200-x2, run scripts/gpu_tp.sh first (issue 9).
 set -u
-. scripts/gpu_setup.sh > $OUT/setup.log 2>&1
-HF_PROMPTS=16 timeout 330 bash scripts/loadtest_h200.sh $OUT/lt > $OUT/lt.log 2>&1
-grep -h "=== \|Output token throughput\|Median TTFT\|Median TPOT\|Successful\|Failed" $OUT/lt/*.txt | head -60
-(cd $OUT && tar czf lt.tgz lt && rm -rf lt)
+mkdir -p $OUT/next
+. scripts/gpu_setup.sh > $OUT/next/setup.log 2>&1
+timeout 90 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py tests/test_cuda_graph_inputs.py \
+    tests/test_sampling_kernel.py > $OUT/next/gpu_tests.log 2>&1
+tail -1 $OUT/next/gpu_tests.log
+timeout 200 python3 -m streampage.cli bench kernels --no-flex --output $OUT/next/kernels.json \
+    > $OUT/next/kernels.log 2>&1
+grep -B2 -A8 "^     shape splits" $OUT/next/kernels.log
 timeout 240 python3 -m streampage.cli bench throughput --model qwen3-0.6b --compare hf \
-    --output $OUT/throughput.json > $OUT/throughput.log 2>&1
-grep -v "oading weights\|capturing" $OUT/throughput.log | tail -5
+    --output $OUT/next/throughput.json > $OUT/next/throughput.log 2>&1
+grep -v "oading weights\|capturing" $OUT/next/throughput.log | tail -5
+(cd $OUT && tar czf next.tgz next && rm -rf next)
