@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrival_counters import arrival_counters
 from .paged_attention import num_sms
 
 MAX_ROWS = 8  # rows (tokens) per call: decode batches of 1-8
@@ -104,22 +105,6 @@ def gemv_candidates(M: int, N: int, K: int, sms: int = 132, itemsize: int = 2,
                     if cfg not in found and cfg.shared_bytes(M, itemsize) <= shared_limit:
                         found.append(cfg)
     return found
-
-
-# Per device, the split-K arrival counters: int32, zero between calls (each call's last program of a
-# tile resets its counter). Shared by every call on the device, so split-K calls must not run on two
-# streams at once (the model runs one stream). Grown, never shrunk; growing inside a CUDA graph
-# capture would put the buffer in the graph's pool, so run each shape once before capturing (which
-# compiling the kernel requires anyway).
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, count: int) -> torch.Tensor:
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -216,7 +201,7 @@ def skinny_linear(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if split_k > 1:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-        counters = _counters(x.device, n_tiles)
+        counters = arrival_counters(x.device, n_tiles)
     else:
         partials = counters = y  # never read: the kernel's SPLIT branch is compiled out
     _skinny_linear_kernel[(n_tiles, split_k)](

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrival_counters import arrival_counters
+
 _LOG2E = 1.4426950408889634
 
 
@@ -195,7 +197,7 @@ def _split_span(context_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
 # num_splits is fixed per batch-size bucket; not specializing it keeps one compiled variant for all.
 @triton.jit(do_not_specialize=["num_splits", "min_split_len"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     qk_scale, num_splits, min_split_len,
     stride_q_s, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     stride_bt_s, stride_o_s, stride_o_h, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
@@ -254,39 +256,49 @@ def _decode_kernel(
     out = out_ptr + seq * stride_o_s + heads[:, None] * stride_o_h + dims[None, :]
     direct = rows < tl.where(used == 1, tl.where(split == 0, GROUP, 0), 0)
     tl.store(out, result.to(out_ptr.dtype.element_ty), mask=direct[:, None])
-    if SPLIT:
-        partial = rows < tl.where(used > 1, tl.where(split < used, GROUP, 0), 0)
-        part = part_out_ptr + seq * stride_po_s + heads * stride_po_h + split * stride_po_p
-        tl.store(part[:, None] + dims[None, :], result, mask=partial[:, None])
-        lse = tl.where(row_sum > 0.0, m + tl.log2(safe_sum), float("-inf"))
-        tl.store(part_lse_ptr + seq * stride_pl_s + heads * stride_pl_h + split, lse, mask=partial)
+    if SPLIT:  # noqa: SIM102 - a compile-time branch around a runtime one
+        if (used > 1) & (split < used):
+            _store_split_and_merge_last(
+                result, m, safe_sum, rows, heads, dims, seq, kv_head, split, used,
+                out, part_out_ptr, part_lse_ptr, counter_ptr,
+                stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, GROUP,
+            )
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
-def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, context_lens_ptr,
-    num_splits, min_split_len, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, stride_o_s, stride_o_h,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+@triton.jit
+def _store_split_and_merge_last(
+    result, m, safe_sum, rows, heads, dims, seq, kv_head, split, used,
+    out, part_out_ptr, part_lse_ptr, counter_ptr,
+    stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, GROUP: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    _, used = _split_span(tl.load(context_lens_ptr + seq), num_splits, min_split_len, BLOCK_N)
-    splits = tl.arange(0, SPLITS_PAD)
-    split_mask = splits < used
-    dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + seq * stride_pl_s + head * stride_pl_h + splits,
-                  mask=split_mask, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # every split empty: weights all 0
-    weights = tl.exp2(lse - lse_max)
-    total = tl.sum(weights, axis=0)
-    parts = tl.load(part_out_ptr + seq * stride_po_s + head * stride_po_h
-                    + splits[:, None] * stride_po_p + dims[None, :],
-                    mask=split_mask[:, None], other=0.0)
-    merged = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
-    # A sequence with one split was written by the decode kernel itself.
-    tl.store(out_ptr + seq * stride_o_s + head * stride_o_h + dims, merged.to(out_ptr.dtype.element_ty),
-             mask=dims < tl.where(used > 1, HEAD_DIM, 0))
+    """Store this split's normalised output and log2-sum-exp, count the split in on its (seq, KV head)
+    counter, and if it is the last of the `used` splits to arrive, merge all of them into `out` (in
+    split order: the result does not depend on which program came last) and reset the counter. The
+    merge used to be a second launch; it cost a few microseconds per layer even when every sequence
+    was short enough for one split."""
+    row_mask = rows < GROUP
+    part = part_out_ptr + seq * stride_po_s + heads * stride_po_h
+    lse_part = part_lse_ptr + seq * stride_pl_s + heads * stride_pl_h
+    tl.store(part[:, None] + split * stride_po_p + dims[None, :], result, mask=row_mask[:, None])
+    tl.store(lse_part + split, m + tl.log2(safe_sum), mask=row_mask)  # every used split holds tokens
+    # The barrier orders every thread's stores before the (one-thread) release-acquire atomic; the
+    # last to arrive then sees all partials (loaded past L1, which may hold none of them).
+    tl.debug_barrier()
+    counter = counter_ptr + seq * tl.num_programs(0) + kv_head
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+    if arrived == used - 1:
+        lse_max = tl.full(m.shape, float("-inf"), tl.float32)
+        for s in range(0, used):
+            lse_max = tl.maximum(lse_max, tl.load(lse_part + s, mask=row_mask, other=0.0, cache_modifier=".cg"))
+        total = tl.zeros(m.shape, tl.float32)
+        merged = tl.zeros(result.shape, tl.float32)
+        for s in range(0, used):
+            weight = tl.exp2(tl.load(lse_part + s, mask=row_mask, other=0.0, cache_modifier=".cg") - lse_max)
+            total += weight
+            merged += weight[:, None] * tl.load(part[:, None] + s * stride_po_p + dims[None, :],
+                                                mask=row_mask[:, None], other=0.0, cache_modifier=".cg")
+        tl.store(out, (merged / total[:, None]).to(out.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(counter, 0)
 
 
 def paged_decode(
@@ -326,12 +338,13 @@ def paged_decode(
         if part_out.shape[:3] != (num_seqs, num_q_heads, num_splits) or part_out.shape[3] != head_dim:
             raise ValueError(f"workspace {tuple(workspace.partial_out.shape)} is too small for "
                              f"{(num_seqs, num_q_heads, num_splits, head_dim)}")
+        counters = arrival_counters(q.device, num_seqs * num_kv_heads)
     else:  # never dereferenced: the single-split kernel writes straight to out
-        part_out, part_lse = out, out[..., 0]
+        part_out, part_lse, counters = out, out[..., 0], context_lens
     po_strides = part_out.stride() if num_splits > 1 else (0, 0, 0)
     pl_strides = part_lse.stride() if num_splits > 1 else (0, 0)
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, counters,
         scale * _LOG2E, num_splits, min_split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -341,15 +354,6 @@ def paged_decode(
         BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if num_splits > 1:
-        _decode_merge_kernel[(num_seqs, num_q_heads)](
-            part_out, part_lse, out, context_lens, num_splits, min_split_len,
-            part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_N=cfg.block_n,
-            num_warps=4 if head_dim >= 128 else 2,
-        )
     return out
 
 

@@ -18,7 +18,8 @@ import triton
 
 from streampage import kernels
 from streampage.kernels import GemvConfig, gemv_candidates, skinny_linear
-from streampage.kernels.gemv import _COUNTERS, balanced_split
+from streampage.kernels.arrival_counters import all_zero
+from streampage.kernels.gemv import balanced_split
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -59,10 +60,6 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def counters_are_zero() -> bool:
-    return all(not c.any() for c in _COUNTERS.values())
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
 @pytest.mark.parametrize("m", [1, 3, 8])
@@ -72,7 +69,7 @@ def test_matches_torch(dtype: torch.dtype, config: GemvConfig, m: int, n: int, k
     y = skinny_linear(x, weight, bias, config=config)
     assert y.shape == (m, n) and y.dtype == dtype
     assert_close(y, reference(x, weight, bias), dtype)
-    assert counters_are_zero(), "a split-K call left an arrival counter set"
+    assert all_zero(), "a split-K call left an arrival counter set"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -97,7 +94,7 @@ def test_split_larger_than_k_tiles() -> None:
     x, weight, bias = make(2, 40, 64, torch.float32, bias=True)
     y = skinny_linear(x, weight, bias, config=GemvConfig(16, 32, 10, 4, 2))
     assert_close(y, reference(x, weight, bias), torch.float32)
-    assert counters_are_zero()
+    assert all_zero()
 
 
 def test_repeated_split_calls_reuse_counters() -> None:
@@ -106,7 +103,7 @@ def test_repeated_split_calls_reuse_counters() -> None:
     for m, n in ((1, 100), (8, 20), (3, 100)):
         x, weight, bias = make(m, n, 200, torch.float32, bias=m == 3)
         assert_close(skinny_linear(x, weight, bias, config=cfg), reference(x, weight, bias), torch.float32)
-    assert counters_are_zero()
+    assert all_zero()
 
 
 @pytest.mark.parametrize("m", [1, 2, 8])
@@ -190,7 +187,7 @@ def test_gpu_model_shapes(name: str, n: int, k: int, m: int, dtype: torch.dtype,
     cfg = dataclasses.replace(GemvConfig.default(m, n, k, _sms(), dtype.itemsize), dot=dot)
     assert_gpu_close(skinny_linear(x, weight, bias, config=cfg), reference(x, weight, bias), dtype, f"{name} {cfg}")
     assert_gpu_close(skinny_linear(x, weight, config=cfg), reference(x, weight, None), dtype, f"{name} no bias")
-    assert counters_are_zero()
+    assert all_zero()
 
 
 @pytest.mark.gpu
@@ -208,7 +205,7 @@ def test_gpu_sweep_candidates(m: int) -> None:
         except triton.runtime.errors.OutOfResources:
             continue
         assert_gpu_close(actual, expected, torch.bfloat16, f"1b-down M={m} {cfg}")
-    assert counters_are_zero()
+    assert all_zero()
 
 
 @pytest.mark.gpu
@@ -242,4 +239,4 @@ def test_gpu_graph_replay(dot: bool) -> None:
         for i, (m, _, _) in enumerate(shapes):
             expected = reference(buffers[i][:m], inputs[i][1], inputs[i][2])
             assert_gpu_close(outputs[i], expected, torch.bfloat16, f"replay {replay} shape {shapes[i]}")
-    assert counters_are_zero()
+    assert all_zero()

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from streampage import kernels
 from streampage.kernels import reference
+from streampage.kernels.arrival_counters import all_zero
 from streampage.kernels.paged_attention import (
     GRAPH_PROGRAMS_PER_SM,
     MAX_SPLITS,
@@ -148,9 +149,9 @@ def test_decode_empty_splits_reused_workspace_and_out() -> None:
 
 @pytest.mark.parametrize("min_split", [1, 16, 20, 48, 1000])
 def test_decode_min_split_len_balances_mixed_lengths(min_split) -> None:
-    """With a minimum split length, long rows use several splits and short ones one (written without
-    the merge): lengths on both sides of every split boundary, a row of 0, one workspace reused with
-    a stale partial from a launch where the same row used more splits."""
+    """With a minimum split length, long rows use several splits, merged by the last to finish, and
+    short ones one (written directly): lengths on both sides of every split boundary, a row of 0, one
+    workspace reused with a stale partial from a launch where the same row used more splits."""
     workspace = DecodeWorkspace.allocate(6, 8, 64, 4, DEVICE)
     out = torch.full((6, 8, 64), float("nan"), device=DEVICE)
     for seed, lengths in enumerate([[70, 1, 0, 16, 17, 49], [3, 70, 33, 0, 48, 15]]):
@@ -160,6 +161,7 @@ def test_decode_min_split_len_balances_mixed_lengths(min_split) -> None:
                                       min_split_len=min_split)
         assert_matches(actual, expected, TOLERANCE[torch.float32], f"decode lengths={lengths} min {min_split}")
         assert not actual[lengths.index(0)].any()
+        assert all_zero(), "the last split of a row must put its arrival counter back to zero"
 
 
 def test_graph_split_plan() -> None:
