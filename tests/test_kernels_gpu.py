@@ -13,6 +13,7 @@ from test_kernels import TOLERANCE, assert_matches, build_batch, run_decode, run
 from streampage import kernels
 from streampage.bench.kernels import config_name, prefill_candidates
 from streampage.kernels import reference
+from streampage.kernels.arrival_counters import all_zero
 from streampage.kernels.paged_attention import DecodeWorkspace, decode_split_plan, num_sms
 
 pytestmark = [
@@ -43,6 +44,7 @@ def test_decode_matches_reference(block_size, head_dim, q_heads, kv_heads, dtype
     print(f"decode splits={num_splits} (plan {plan}) lengths={lengths}")
     assert_matches(actual, expected, TOLERANCE[dtype], f"decode splits={num_splits} lengths={lengths}")
     assert not actual[4].any(), "a row with context_len 0 must give zeros"
+    assert all_zero(), "the last split of every row must put its arrival counter back to zero"
 
 
 @pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads", "dtype"), LAYOUTS, ids=LAYOUT_IDS)
@@ -143,6 +145,7 @@ def test_store_and_decode_replay_in_cuda_graph(num_seqs) -> None:
         print(f"graph replay {trial}: splits={num_splits} lengths={new_lengths.tolist()}")
         assert_matches(out, expected, TOLERANCE[dtype], f"graph replay {trial}, lengths {new_lengths.tolist()}")
         assert not out[new_lengths.to(device) == 0].any(), "padding rows must give zeros"
+        assert all_zero(), "a replay left an arrival counter set"
 
 
 def test_pool_past_int32_offsets() -> None:
