@@ -9,7 +9,8 @@ zero before and after every call.
 One int32 buffer per device serves every such kernel: calls run one after another on the model's
 stream, so no two use it at once (kernels on two streams at once must not). It grows and never
 shrinks; growing inside a CUDA graph capture would put it in the graph's pool, so run each shape once
-before capturing (which compiling its kernel requires anyway).
+before capturing (which compiling its kernel requires anyway). A buffer that was outgrown stays
+allocated: graphs captured earlier keep its address and go on using it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from __future__ import annotations
 import torch
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # kept alive for the graphs that captured them
 
 
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     """At least `count` zeroed int32 counters on `device` (the shared buffer)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < count:
+        if counters is not None:
+            _OUTGROWN.append(counters)
         counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
         _COUNTERS[device] = counters
     return counters

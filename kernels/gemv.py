@@ -33,8 +33,9 @@ import triton.language as tl
 
 from .arrival_counters import arrival_counters
 from .paged_attention import num_sms
+from .pdl import launch_options, wait_for_previous_kernel
 
-MAX_ROWS = 8  # rows (tokens) per call: decode batches of 1-8
+GEMV_MAX_ROWS = 8  # rows (tokens) per call: decode batches of 1-8
 
 
 @dataclass(frozen=True)
@@ -54,22 +55,17 @@ class GemvConfig:
 
     @staticmethod
     def default(M: int, N: int, K: int, sms: int = 132, itemsize: int = 2) -> GemvConfig:
-        """A first guess, to be replaced by the H200 sweep (`streampage bench kernels --gemv`).
-
-        Tiles of 16 KB (32 rows x 512 bytes: every row of a tile is four full 128-byte lines), four
-        stages (three tiles, 48 KB, in flight per program; 50-72 KB of shared memory, so three
-        programs fit an SM).
-        Little's law at 4.2 TB/s and ~1.5 us of loaded latency wants ~50 KB in flight per SM, so the
-        grid should give every SM about two programs: N tiles, times a K split when there are too
-        few of them, with at least two tiles per split. MMAs from M = 2 on, where the FMA count per
-        weight element doubles with every doubling of M."""
-        block_k = 512 // itemsize
-        block_n = 32
+        """The shape of the configs that won the H200 sweep (`streampage bench kernels --gemv`,
+        docs/benchmarks.md): tiles of 64 rows x 256 bytes (16 KB), MMAs, 4 warps, 4 stages, and K
+        split until the grid gives about two programs per SM (at least two K tiles a split). The
+        sweep's winners split between one and two and a half programs per SM depending on the shape;
+        two is within a few percent of each."""
+        block_k = 256 // itemsize
+        block_n = 64
         n_tiles = triton.cdiv(N, block_n)
         k_tiles = triton.cdiv(K, block_k)
-        split_k = max(1, min(triton.cdiv(2 * sms, n_tiles), k_tiles // 2))
-        split_k = balanced_split(k_tiles, split_k)
-        return GemvConfig(block_n, block_k, split_k, 4, 4, dot=M > 1)
+        split_k = max(1, min(round(2 * sms / n_tiles), k_tiles // 2))
+        return GemvConfig(block_n, block_k, balanced_split(k_tiles, split_k), 4, 4, dot=True)
 
 
 def balanced_split(k_tiles: int, split_k: int) -> int:
@@ -118,7 +114,7 @@ def _skinny_linear_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -133,20 +129,22 @@ def _skinny_linear_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
     row_ok = offs_m[:, None] < M
     acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
+    if PDL:
+        # The first weight tile streams in while the previous kernel finishes (weights are never
+        # written); x, that kernel's output, is read after the wait. Every split has a first tile.
+        w = _load_w(w_ptrs, k_start, K, offs_k, EVEN_K)
+        wait_for_previous_kernel(PDL)
+        x = _load_x(x_ptrs, k_start, K, offs_k, row_ok, EVEN_K)
+        acc = _multiply(acc, x, w, DOT, DOT_PRECISION)
+        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+        k_start += BLOCK_K
     # tl.range's num_stages pipelines every load of the loop (the kernel-level num_stages would
     # pipeline only loads that feed a tl.dot, i.e. not the FMA path's).
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs, mask=row_ok, other=0.0)
-        else:
-            in_k = (k + offs_k)[None, :] < K
-            w = tl.load(w_ptrs, mask=in_k, other=0.0)
-            x = tl.load(x_ptrs, mask=row_ok & in_k, other=0.0)
-        if DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        w = _load_w(w_ptrs, k, K, offs_k, EVEN_K)
+        x = _load_x(x_ptrs, k, K, offs_k, row_ok, EVEN_K)
+        acc = _multiply(acc, x, w, DOT, DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
 
@@ -169,6 +167,29 @@ def _skinny_linear_kernel(
 
 
 @triton.jit
+def _load_w(ptrs, k, K, offs_k, EVEN_K: tl.constexpr):
+    """A weight tile [BLOCK_N, BLOCK_K] at column k (K masked unless BLOCK_K divides it)."""
+    return tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=(k + offs_k)[None, :] < K, other=0.0)
+
+
+@triton.jit
+def _load_x(ptrs, k, K, offs_k, row_ok, EVEN_K: tl.constexpr):
+    """An x tile [M_PAD, BLOCK_K] at column k; rows past M read zeros."""
+    in_k = (k + offs_k)[None, :] < K
+    return tl.load(ptrs, mask=row_ok if EVEN_K else row_ok & in_k, other=0.0)
+
+
+@triton.jit
+def _multiply(acc, x, w, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [M_PAD, BLOCK_N] + x [M_PAD, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T, by MMA or FMAs."""
+    if DOT:
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    else:
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
 def _store_rows(acc, bias_ptr, y_ptr, offs_m, offs_n, N, stride_b, stride_ym, out_mask, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -187,8 +208,8 @@ def skinny_linear(
                          f"{tuple(weight.shape)}")
     M, K = x.shape
     N = weight.shape[0]
-    if not 1 <= M <= MAX_ROWS:
-        raise ValueError(f"skinny_linear takes 1 to {MAX_ROWS} rows, got {M}")
+    if not 1 <= M <= GEMV_MAX_ROWS:
+        raise ValueError(f"skinny_linear takes 1 to {GEMV_MAX_ROWS} rows, got {M}")
     if x.dtype != weight.dtype:
         raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}")
     if bias is not None and bias.shape != (N,):
@@ -211,6 +232,6 @@ def skinny_linear(
         y.stride(0),
         M_PAD=16 if cfg.dot else triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages, SPLIT=split_k > 1, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=bias is not None,
-        DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
+        DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, **launch_options(x.device),
     )
     return y

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .arrival_counters import arrival_counters
+from .pdl import launch_options, wait_for_previous_kernel
 
 _LOG2E = 1.4426950408889634
 
@@ -202,10 +203,11 @@ def _decode_kernel(
     stride_q_s, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     stride_bt_s, stride_o_s, stride_o_h, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
     # together they read each page of the pool whole.
+    wait_for_previous_kernel(PDL)
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -352,7 +354,7 @@ def paged_decode(
         po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1],
         GROUP=group, GROUP_PAD=max(group_pad, 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(q.device),
     )
     return out
 

@@ -103,6 +103,11 @@ class ParallelConfig:
 class RunnerConfig:
     enforce_eager: bool = False  # no CUDA graphs
     max_graph_batch_size: int | None = None  # None: max_num_seqs
+    # Decode kernels on CUDA, off until the H200 shows they pay (docs/kernels.md): programmatic
+    # dependent launch of the Triton kernels (Hopper+: each starts under the previous one's tail), and
+    # projections of 1-8 rows through the Triton split-K GEMV instead of cuBLAS.
+    programmatic_launch: bool = False
+    decode_gemv: bool = False
 
     def __post_init__(self) -> None:
         if self.max_graph_batch_size is not None and self.max_graph_batch_size < 1:

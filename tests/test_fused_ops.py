@@ -210,10 +210,19 @@ def prefill_then_decode(layer: LlamaDecoderLayer, rotary: RotaryEmbedding, dtype
     return outputs
 
 
+@pytest.fixture(params=[False, True], ids=["cublas", "gemv-pdl"])
+def decode_kernels(request):
+    """The decode step's projections by cuBLAS, or by the split-K GEMV with every Triton kernel of
+    the step launched with PDL (the runner's decode_gemv and programmatic_launch options)."""
+    layers.configure_decode_kernels(programmatic_launch=request.param, decode_gemv=request.param)
+    yield request.param
+    layers.configure_decode_kernels(programmatic_launch=False, decode_gemv=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("shape", ["llama3.2-1b", "llama3-8b", "qwen3-0.6b"])
-def test_bf16_decoder_layer_fused_matches_pytorch(pytorch_layers, shape):
+def test_bf16_decoder_layer_fused_matches_pytorch(pytorch_layers, decode_kernels, shape):
     spec = layer_spec(shape)
     rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
     rotary = rotary.to(DEVICE)
@@ -236,7 +245,7 @@ def test_bf16_decoder_layer_fused_matches_pytorch(pytorch_layers, shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @torch.no_grad()
-def test_fused_decode_step_replays_from_a_cuda_graph(pytorch_layers):
+def test_fused_decode_step_replays_from_a_cuda_graph(pytorch_layers, decode_kernels):
     """Capture fails on any host synchronisation; replay with new inputs must compute what an eager step
     computes (Qwen3: every fused kernel, q/k norm included)."""
     pytorch_layers.setattr(layers, "use_triton", lambda x: x.is_cuda)

@@ -17,9 +17,10 @@ import torch
 import triton
 
 from streampage import kernels
-from streampage.kernels import GemvConfig, gemv_candidates, skinny_linear
+from streampage.kernels import GemvConfig, gemv_candidates, pdl, skinny_linear
 from streampage.kernels.arrival_counters import all_zero
 from streampage.kernels.gemv import balanced_split
+from streampage.model import layers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -113,16 +114,15 @@ def test_default_config(m: int) -> None:
 
 
 def test_default_heuristic() -> None:
-    """16 KB tiles of 32 rows; K split only where the N tiles cannot give each of 132 SMs two programs,
-    never below two K tiles a split; MMAs from two rows."""
-    down_1b = GemvConfig.default(1, 2048, 8192)  # 64 N tiles, 32 K tiles
-    assert (down_1b.block_n, down_1b.block_k, down_1b.split_k, down_1b.dot) == (32, 256, 5, False)
-    assert GemvConfig.default(1, 16384, 2048).split_k == 1  # 1B gate_up: 512 N tiles
-    assert GemvConfig.default(4, 2048, 2048).split_k == 4  # 1B o: 8 K tiles, 2 per split
-    assert GemvConfig.default(4, 2048, 2048).dot
-    assert GemvConfig.default(1, 4096, 14336).split_k == 3  # 8B down: 128 N tiles
-    assert GemvConfig.default(1, 64, 256).split_k == 1  # one K tile
-    assert GemvConfig.default(1, 2048, 8192, itemsize=4).block_k == 128
+    """The H200 sweep's winning shape: 64 x 128 bf16 tiles, MMAs; K split until the N tiles give each
+    of 132 SMs about two programs, never below two K tiles a split."""
+    down_1b = GemvConfig.default(1, 2048, 8192)  # 32 N tiles, 64 K tiles
+    assert (down_1b.block_n, down_1b.block_k, down_1b.split_k, down_1b.dot) == (64, 128, 8, True)
+    assert GemvConfig.default(1, 16384, 2048).split_k == 1  # 1B gate_up: 256 N tiles
+    assert GemvConfig.default(1, 4096, 14336).split_k == 4  # 8B down: 64 N tiles
+    assert GemvConfig.default(1, 6144, 4096).split_k == 3  # 8B qkv: 96 N tiles
+    assert GemvConfig.default(1, 64, 256).split_k == 1  # two K tiles
+    assert GemvConfig.default(1, 2048, 8192, itemsize=4).block_k == 64
 
 
 def test_candidates() -> None:
@@ -239,4 +239,84 @@ def test_gpu_graph_replay(dot: bool) -> None:
         for i, (m, _, _) in enumerate(shapes):
             expected = reference(buffers[i][:m], inputs[i][1], inputs[i][2])
             assert_gpu_close(outputs[i], expected, torch.bfloat16, f"replay {replay} shape {shapes[i]}")
+    assert all_zero()
+
+
+@pytest.fixture
+def decode_kernels():
+    """Turns the process-wide decode kernel options off again after the test."""
+    yield layers.configure_decode_kernels
+    layers.configure_decode_kernels(programmatic_launch=False, decode_gemv=False)
+
+
+def test_decode_gemv_takes_the_projections_of_one_to_eight_16_bit_rows(decode_kernels, monkeypatch):
+    """With `decode_gemv`, `layers.linear` sends decode-sized 16-bit inputs to skinny_linear and
+    everything else (more rows, fp32) to F.linear."""
+    rows_seen = []
+    real = kernels.skinny_linear
+
+    def spy(x, *args, **kwargs):
+        rows_seen.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "skinny_linear", spy)
+    monkeypatch.setattr(layers, "use_triton", lambda x: True)  # the CUDA path, through the interpreter
+    decode_kernels(programmatic_launch=False, decode_gemv=True)
+    _, weight, bias = make(1, 48, 40, torch.float16, bias=True)
+    for rows in (1, 8, 9):
+        x = torch.randn(rows, 40, device=DEVICE).to(torch.float16)
+        assert_close(layers.linear(x, weight, bias), reference(x, weight, bias), torch.float16)
+    x32, w32, b32 = make(2, 48, 40, torch.float32, bias=True)
+    assert_close(layers.linear(x32, w32, b32), reference(x32, w32, b32), torch.float32)
+    assert rows_seen == [1, 8]
+    decode_kernels(programmatic_launch=False, decode_gemv=False)
+    layers.linear(x, weight, bias)
+    assert rows_seen == [1, 8]
+
+
+def test_programmatic_launch_only_reaches_hopper_and_later(decode_kernels):
+    decode_kernels(programmatic_launch=True, decode_gemv=False)
+    assert pdl.launch_options(torch.device("cpu")) == {}
+    if torch.cuda.is_available():
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        assert pdl.launch_options(torch.device("cuda", torch.cuda.current_device())) == (
+            {"PDL": True, "launch_pdl": True} if hopper else {})
+    decode_kernels(programmatic_launch=False, decode_gemv=False)
+    assert pdl.launch_options(torch.device("cpu")) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gpu_programmatic_launch_chain_replays_from_a_cuda_graph(decode_kernels, split_k) -> None:
+    """Four GEMVs in a row, each reading the one before (the layer's pattern), launched with PDL and
+    replayed from a graph with new inputs: every one waits for its input (a missing wait would read
+    the previous replay's values)."""
+    decode_kernels(programmatic_launch=True, decode_gemv=False)
+    torch.manual_seed(split_k)
+    weights = [(torch.randn(512, 512, device=DEVICE) / 512**0.5).to(torch.bfloat16) for _ in range(4)]
+    config = GemvConfig(64, 128, split_k, 4, 4, dot=True)
+    x = torch.zeros(2, 512, device=DEVICE, dtype=torch.bfloat16)
+
+    def chain() -> torch.Tensor:
+        y = x
+        for weight in weights:
+            y = skinny_linear(y, weight, config=config)
+        return y
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for trial in range(3):
+        x.copy_(torch.randn(2, 512, device=DEVICE))
+        graph.replay()
+        expected = x.float()
+        for weight in weights:
+            expected = (expected @ weight.float().T).to(torch.bfloat16).float()
+        torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2, msg=f"replay {trial}")
     assert all_zero()

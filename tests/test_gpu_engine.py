@@ -49,7 +49,7 @@ def test_bf16_prefill_logits_stay_within_bf16_tolerance_of_transformers(checkpoi
 def greedy_tokens(checkpoint, **options) -> list[list[int]]:
     # fp32: split-KV decode sums in a different order at each batch size, which in bf16 can flip a
     # near-tie between graph buckets and eager steps; in fp32 any difference is a bug.
-    llm = LLM(str(checkpoint), dtype="float32", num_gpu_blocks=256, max_num_seqs=8, **options)
+    llm = LLM(str(checkpoint), **{"dtype": "float32", "num_gpu_blocks": 256, "max_num_seqs": 8, **options})
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert llm.engine.kv.num_free_blocks == 256
@@ -58,6 +58,19 @@ def greedy_tokens(checkpoint, **options) -> list[list[int]]:
 
 def test_cuda_graphs_and_eager_steps_give_the_same_tokens(checkpoint):
     assert greedy_tokens(checkpoint) == greedy_tokens(checkpoint, enforce_eager=True)
+
+
+def test_programmatic_launch_gives_the_same_tokens(checkpoint):
+    """PDL changes when the decode kernels start, never what they compute (a kernel reading its input
+    before the previous one finished would)."""
+    assert greedy_tokens(checkpoint, programmatic_launch=True) == greedy_tokens(checkpoint)
+
+
+def test_bf16_decode_through_the_gemv_with_programmatic_launch_runs_to_the_end(checkpoint):
+    """bf16 with both decode options: every request produces its tokens and frees its blocks (the
+    numerics are checked layer by layer in tests/test_fused_ops.py)."""
+    tokens = greedy_tokens(checkpoint, dtype="bfloat16", decode_gemv=True, programmatic_launch=True)
+    assert [len(t) for t in tokens] == [24] * len(PROMPTS)
 
 
 def test_async_scheduling_gives_the_same_tokens_with_graphs_and_padding(checkpoint):

@@ -37,6 +37,30 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+# Process-wide, set when a worker loads its model (`configure_decode_kernels`).
+_decode_gemv = False
+
+
+def configure_decode_kernels(*, programmatic_launch: bool, decode_gemv: bool) -> None:
+    """The runner options of the same names, for every model of this process: PDL launches of the
+    decode path's Triton kernels (`streampage.kernels.pdl`), and the split-K GEMV for projections of
+    1 to GEMV_MAX_ROWS rows (the decode graphs of batch 1-8)."""
+    global _decode_gemv
+    _decode_gemv = decode_gemv
+    from streampage.kernels import pdl  # Triton loads here, not when the model package is imported
+
+    pdl.enable(programmatic_launch)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or `kernels.skinny_linear` for a 16-bit decode batch of at most GEMV_MAX_ROWS rows when
+    the GEMV is on (it streams the weight once whatever the rows; cuBLAS is latency-bound there)."""
+    if (_decode_gemv and use_triton(x) and x.dtype in (torch.float16, torch.bfloat16)
+            and 1 <= x.shape[0] <= kernels.GEMV_MAX_ROWS):
+        return kernels.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
         raise ValueError(f"{what} ({numerator}) must be divisible by the tensor-parallel size ({denominator})")
@@ -75,7 +99,7 @@ class ColumnParallelLinear(nn.Module):
         _copy_into(param.data, loaded.narrow(0, tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -154,8 +178,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = tp_all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = tp_all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
