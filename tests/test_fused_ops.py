@@ -22,7 +22,7 @@ from streampage.kernels import reference
 from streampage.model import layers
 from streampage.model.demo import SHAPES
 from streampage.model.forward_context import AttentionMetadata, forward_context
-from streampage.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
+from streampage.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 from streampage.model.llama import DecoderSpec, LlamaDecoderLayer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,7 +131,7 @@ def test_rotary_store_kv_matches_norm_rotary_and_store(head_dim, scaling, qk_nor
 @pytest.mark.parametrize("size", [88, 96, 1500])  # 1500: two column blocks per row
 def test_silu_and_mul_matches_pytorch(size, dtype):
     x = randn(4, 2 * size + 5, dtype=dtype, seed=9, scale=3.0)[:, : 2 * size]  # strided rows
-    assert_close(kernels.silu_and_mul(x), SiluAndMul()(x))
+    assert_close(kernels.silu_and_mul(x), silu_and_mul(x))
 
 
 def test_shape_errors_name_the_problem():

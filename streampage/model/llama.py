@@ -23,7 +23,6 @@ from streampage.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
-    SiluAndMul,
     VocabParallelEmbedding,
 )
 
@@ -183,10 +182,10 @@ class LlamaMLP(nn.Module):
         size = spec.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [size, size], bias=spec.mlp_bias)
         self.down_proj = RowParallelLinear(size, spec.hidden_size, bias=spec.mlp_bias)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        # silu(gate) * up is the down projection's input (`layers.linear` computes it there or before).
+        return self.down_proj(self.gate_up_proj(x), silu_and_mul_input=True)
 
 
 class LlamaDecoderLayer(nn.Module):
