@@ -3,6 +3,7 @@ spent in kernels (a gap means the GPU waited for the host), the top kernels, and
 that took longest (a long cudaStreamSynchronize or cudaMemcpy means the host waited for the GPU).
 
     python3 scripts/profile_decode.py MODEL_OR_SHAPE BATCH [BATCH...] [--no-async-scheduling]
+        [--decode-gemv] [--programmatic-launch]
 """
 
 import argparse
@@ -24,9 +25,12 @@ def main() -> None:
     parser.add_argument("batches", type=int, nargs="+")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--decode-gemv", action="store_true")
+    parser.add_argument("--programmatic-launch", action="store_true")
     args = parser.parse_args()
     llm = LLM(resolve_model(args.model), max_num_seqs=max(args.batches), max_model_len=4096,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, decode_gemv=args.decode_gemv,
+              programmatic_launch=args.programmatic_launch)
     engine = llm.engine
     params = SamplingParams(max_tokens=64, temperature=args.temperature, ignore_eos=True)
     for batch in args.batches:
