@@ -72,10 +72,11 @@ async def open_client(config: BackendConfig) -> AsyncIterator[BackendClient]:
 
 
 async def measure_point(backend: BackendConfig, point: LoadPoint, workload: WorkloadConfig, *,
-                        request_timeout: float = 600.0, progress: bool = True) -> PointResult:
-    """One load point on a fresh client; every point of a run replays the same seeded requests."""
+                        point_index: int = 0, request_timeout: float = 600.0, progress: bool = True) -> PointResult:
+    """One load point on a fresh client. Every point of a run sends the same seeded lengths at the same
+    seeded arrival offsets; its prompt tokens are its own (`generate`'s `point`)."""
     async with open_client(backend) as client:
-        return await run_point(client, point, generate(workload), seed=workload.seed,
+        return await run_point(client, point, generate(workload, point=point_index), seed=workload.seed,
                                request_timeout=request_timeout, progress=progress)
 
 

@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     workload.add_argument("--num-prefixes", type=int, default=1, help="prefix: how many shared prefixes")
     workload.add_argument("--vocab-limit", type=int, default=1000, help="prompt token ids are below this")
     workload.add_argument("--seed", type=int, default=0)
+    workload.add_argument("--token-salt", type=int, default=0,
+                          help="prompt token ids of point i are seeded with salt + i (lengths are not): give a "
+                               "warm-up run another salt, so the measured prompts are new to a prefix cache")
     workload.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                           help="generate exactly max_tokens")
     workload.add_argument("--temperature", type=float, default=0.0)
@@ -107,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _sweep(settings: Settings) -> int:
     async def measure_all() -> list[PointResult]:
-        return [await measure_point(settings.backend, point, settings.workload,
+        return [await measure_point(settings.backend, point, settings.workload, point_index=index,
                                     request_timeout=settings.request_timeout, progress=settings.progress)
-                for point in settings.points]
+                for index, point in enumerate(settings.points)]
     results = _run_loop(measure_all)
     runs = [(r.point.label, r) for r in results]
     summaries = _report(settings, runs)

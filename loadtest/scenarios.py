@@ -65,12 +65,14 @@ async def run_scenario(scenario: ScenarioConfig, backend: BackendConfig, point: 
         baseline_backend = replace(backend, connections=0)
         disturbed_backend = replace(backend, connections=max(1, backend.connections))
     runs = []
-    for run_backend, disturb in ((baseline_backend, False), (disturbed_backend, True)):
+    # The disturbed run sends the baseline's lengths with new tokens (point 1), so a prefix cache does
+    # not serve it what the baseline computed.
+    for run_index, (run_backend, disturb) in enumerate(((baseline_backend, False), (disturbed_backend, True))):
         async with (
             open_client(run_backend) as client,
             _disturbers(scenario if disturb else None, backend, workload, request_timeout) as extra,
         ):
-            result = await run_point(client, point, generate(workload), seed=workload.seed,
+            result = await run_point(client, point, generate(workload, point=run_index), seed=workload.seed,
                                      request_timeout=request_timeout, progress=progress)
         result.records.extend(extra)
         runs.append(result)

@@ -61,7 +61,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         workload = WorkloadConfig(
             kind=args.workload, input_len=args.input_len, output_len=args.output_len,
             range_ratio=args.range_ratio, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes,
-            vocab_limit=args.vocab_limit, seed=args.seed)
+            vocab_limit=args.vocab_limit, seed=args.seed, token_salt=args.token_salt)
         scenario = None if args.scenario is None else ScenarioConfig(
             args.scenario, args.disturbers, args.disturb_after, args.slow_pause)
     except ValueError as exc:

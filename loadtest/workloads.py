@@ -40,6 +40,8 @@ class WorkloadConfig:
     num_prefixes: int = 1
     vocab_limit: int = 1000
     seed: int = 0
+    # Added to the point index to seed prompt token ids (not lengths): see `generate`.
+    token_salt: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in WORKLOADS:
@@ -53,21 +55,28 @@ class WorkloadConfig:
                              f"{self.num_prefixes}")
         if self.vocab_limit < 2:
             raise ValueError(f"vocab_limit must be >= 2, got {self.vocab_limit}")
+        if self.seed < 0 or self.token_salt < 0:
+            raise ValueError(f"seed and token_salt must be >= 0, got {self.seed}, {self.token_salt}")
 
 
-def generate(config: WorkloadConfig, seed_offset: int = 0) -> Iterator[RequestSpec]:
-    """An endless, reproducible stream of requests (the same seed gives the same stream)."""
-    rng = np.random.default_rng(config.seed + seed_offset)
+def generate(config: WorkloadConfig, seed_offset: int = 0, point: int = 0) -> Iterator[RequestSpec]:
+    """An endless, reproducible stream of requests. Lengths (and which shared prefix a prompt takes)
+    come from `seed + seed_offset` alone, so every point of a sweep sends the same lengths; token ids
+    also take `token_salt + point`, so each point's prompts are new to the server. A prefix cache then
+    holds nothing from an earlier point, or from a warm-up run given another salt, that would let
+    prompts skip their prefill and flatter TTFT."""
+    lengths = np.random.default_rng(config.seed + seed_offset)
+    tokens = np.random.default_rng([config.seed + seed_offset, config.token_salt + point])
     if config.kind == "sharegpt":
-        yield from _sharegpt(config, rng)
+        yield from _sharegpt(config, lengths, tokens)
     elif config.kind == "prefix":
-        yield from _shared_prefix(config, rng)
+        yield from _shared_prefix(config, lengths, tokens)
     else:
         ratio = 0.0 if config.kind == "fixed" else config.range_ratio
         while True:
-            prompt_len = _uniform_len(rng, config.input_len, ratio)
-            output_len = _uniform_len(rng, config.output_len, ratio)
-            yield RequestSpec(_tokens(rng, config, prompt_len), output_len)
+            prompt_len = _uniform_len(lengths, config.input_len, ratio)
+            output_len = _uniform_len(lengths, config.output_len, ratio)
+            yield RequestSpec(_tokens(tokens, config, prompt_len), output_len)
 
 
 def _uniform_len(rng: np.random.Generator, length: int, ratio: float) -> int:
@@ -81,11 +90,12 @@ def _tokens(rng: np.random.Generator, config: WorkloadConfig, count: int) -> lis
     return rng.integers(0, config.vocab_limit, size=count).tolist()
 
 
-def _sharegpt(config: WorkloadConfig, rng: np.random.Generator) -> Iterator[RequestSpec]:
+def _sharegpt(config: WorkloadConfig, lengths: np.random.Generator,
+              tokens: np.random.Generator) -> Iterator[RequestSpec]:
     while True:
-        prompt_len = _lognormal_len(rng, SHAREGPT_PROMPT_LOG_MEAN, SHAREGPT_MAX_PROMPT)
-        output_len = _lognormal_len(rng, SHAREGPT_OUTPUT_LOG_MEAN, SHAREGPT_MAX_TOTAL - prompt_len)
-        yield RequestSpec(_tokens(rng, config, prompt_len), output_len)
+        prompt_len = _lognormal_len(lengths, SHAREGPT_PROMPT_LOG_MEAN, SHAREGPT_MAX_PROMPT)
+        output_len = _lognormal_len(lengths, SHAREGPT_OUTPUT_LOG_MEAN, SHAREGPT_MAX_TOTAL - prompt_len)
+        yield RequestSpec(_tokens(tokens, config, prompt_len), output_len)
 
 
 def _lognormal_len(rng: np.random.Generator, log_mean: float, cap: int) -> int:
@@ -93,11 +103,12 @@ def _lognormal_len(rng: np.random.Generator, log_mean: float, cap: int) -> int:
     return int(min(max(drawn, SHAREGPT_MIN_LEN), cap))
 
 
-def _shared_prefix(config: WorkloadConfig, rng: np.random.Generator) -> Iterator[RequestSpec]:
+def _shared_prefix(config: WorkloadConfig, lengths: np.random.Generator,
+                   tokens: np.random.Generator) -> Iterator[RequestSpec]:
     """Each prompt is one of `num_prefixes` shared prefixes followed by a unique random suffix."""
-    prefixes = [_tokens(rng, config, config.prefix_len) for _ in range(config.num_prefixes)]
+    prefixes = [_tokens(tokens, config, config.prefix_len) for _ in range(config.num_prefixes)]
     while True:
-        prefix = prefixes[int(rng.integers(config.num_prefixes))]
-        suffix_len = _uniform_len(rng, config.input_len, config.range_ratio)
-        output_len = _uniform_len(rng, config.output_len, config.range_ratio)
-        yield RequestSpec(prefix + _tokens(rng, config, suffix_len), output_len)
+        prefix = prefixes[int(lengths.integers(config.num_prefixes))]
+        suffix_len = _uniform_len(lengths, config.input_len, config.range_ratio)
+        output_len = _uniform_len(lengths, config.output_len, config.range_ratio)
+        yield RequestSpec(prefix + _tokens(tokens, config, suffix_len), output_len)

@@ -27,7 +27,7 @@ PY
 python3 -m streampage.cli serve $CKPT --port 8765 > "$OUT_DIR/streampage_server.log" 2>&1 &
 SERVER=$!
 wait_ready http://127.0.0.1:8765/readyz
-python3 -m loadtest --port 8765 "${WORKLOAD[@]}" --num-prompts 64 --max-concurrency 64 --no-progress > /dev/null 2>&1
+python3 -m loadtest --port 8765 "${WORKLOAD[@]}" --token-salt 1000 --num-prompts 64 --max-concurrency 64 --no-progress > /dev/null 2>&1
 python3 -m loadtest --port 8765 "${WORKLOAD[@]}" --request-rate $RATES --num-prompts $PROMPTS --connections 8 \
     --goodput ttft:500 tpot:50 --no-progress --output "$OUT_DIR/streampage.json" --plot-dir "$OUT_DIR/plots" \
     > "$OUT_DIR/streampage.txt" 2>&1
@@ -37,7 +37,7 @@ PYTHONPATH=$PYTHONPATH:/tmp/hfsite python3 -m transformers.cli.transformers serv
     --port 8000 --dtype bfloat16 --log-level warning > "$OUT_DIR/hf_server.log" 2>&1 &
 HF=$!
 wait_ready http://127.0.0.1:8000/health
-python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" --num-prompts 1 \
+python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" --token-salt 1000 --num-prompts 1 \
     --max-concurrency 1 --no-progress > /dev/null 2>&1   # loads the model, warms up
 python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" \
     --request-rate $HF_RATES --num-prompts $HF_PROMPTS --goodput ttft:500 tpot:50 --request-timeout 300 \

@@ -17,7 +17,7 @@ for _ in range(480):
     except OSError:
         time.sleep(0.25)
 PY
-python3 -m loadtest --port $PORT --num-prompts 64 --max-concurrency 64 --input-len $IN --output-len 32 \
+python3 -m loadtest --port $PORT --num-prompts 64 --max-concurrency 64 --input-len $IN --output-len 32 --token-salt 1000 \
     --vocab-limit 1000 --no-progress > /dev/null 2>&1   # warm-up: compiles every kernel variant
 python3 -m loadtest --port $PORT --num-prompts $PROMPTS --max-concurrency $CONC --input-len $IN --output-len $OUTLEN \
     --vocab-limit 1000 --connections 8 --no-progress --output "$OUT_DIR/serving.json" 2>&1 | tail -25

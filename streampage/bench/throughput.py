@@ -12,6 +12,7 @@ from streampage.bench.workloads import (
     fixed_workload,
     nano_vllm_workload,
     resolve_model,
+    same_lengths_new_tokens,
 )
 from streampage.cli import add_engine_arguments, engine_options
 from streampage.sampling_params import SamplingParams
@@ -42,10 +43,11 @@ def run_streampage(model: str, workload: Workload, temperature: float, options: 
     from streampage.llm import LLM
 
     llm = LLM(model, **options)
-    # Warm-up on a slice of the same workload: every kernel variant the run needs (chunked and mixed
-    # prefill, decode buckets) compiles here, not inside the timed run.
+    # Warm-up on prompts shaped like the workload's last 32: every kernel variant the run needs
+    # (chunked and mixed prefill, decode buckets) compiles here, not inside the timed run. Their tokens
+    # are new, so the timed prompts find nothing of theirs in the prefix cache.
     warm = [SamplingParams(max_tokens=24, temperature=temperature, ignore_eos=True)] * 32
-    llm.generate(workload.prompts[-32:], warm, use_tqdm=False)
+    llm.generate(same_lengths_new_tokens(workload.prompts[-32:], seed=1), warm, use_tqdm=False)
     llm.engine.timing.update(dict.fromkeys(llm.engine.timing, 0.0))
     runner = getattr(llm.engine.executor, "runner", None)
     if runner is not None:

@@ -41,6 +41,13 @@ def fixed_workload(num_seqs: int, input_len: int, output_len: int, seed: int = 0
     return Workload(f"fixed {input_len}/{output_len}", prompts, [output_len] * num_seqs)
 
 
+def same_lengths_new_tokens(prompts: list[list[int]], seed: int) -> list[list[int]]:
+    """Prompts of the same lengths with fresh token ids: a warm-up that compiles what the timed run
+    needs without leaving its prompts in the prefix cache (which would skip part of their prefill)."""
+    rng = random.Random(seed)
+    return [[rng.randint(0, 10000) for _ in prompt] for prompt in prompts]
+
+
 def resolve_model(model: str) -> str:
     """A checkpoint directory, or a shape name (`qwen3-0.6b`, ...) written with random weights."""
     if model in SHAPES:
