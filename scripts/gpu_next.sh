@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next single-GPU call (about 8 minutes): the GPU tests touched since the last run (one-launch
+# The next single-GPU call (about 8 minutes; then gpu_next_throughput.sh and gpu_next_loadtest.sh): the GPU tests touched since the last run (one-launch
 # split-KV decode, shared arrival counters, bf16 logits, PDL and the decode GEMV), then batch-1 and
 # batch-8 latency with the decode options off and on (issue 5). Then, as a second call,
 # scripts/gpu_next_throughput.sh. On nvidia-h200-x2, run scripts/gpu_tp.sh first (issue 9).
