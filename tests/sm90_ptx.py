@@ -1,0 +1,68 @@
+"""PTX for sm_90 of the decode path's Triton kernels, with and without PDL: run as a script (in a
+process without TRITON_INTERPRET, which replaces @triton.jit functions by interpreted ones), it prints
+{"kernel/pdl": [griddepcontrol.wait count, griddepcontrol.launch_dependents count]} as JSON.
+tests/test_sm90_compile.py runs it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from streampage.kernels import fused_ops, gemv, paged_attention
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def ptx(fn, pointers: dict[str, str], constexprs: dict, **options) -> str:
+    """PTX of `fn` for sm_90: pointer arguments typed as given, other runtime scalars int32 (float32
+    where named in pointers with a non-pointer type)."""
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=HOPPER, options=options).asm["ptx"]
+
+
+GEMV_ARGS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "partial_ptr": "*fp32",
+             "counter_ptr": "*i32"}
+GEMV_CONSTS = {"M_PAD": 16, "BLOCK_N": 64, "BLOCK_K": 128, "NUM_STAGES": 4, "SPLIT": True, "EVEN_K": True,
+               "HAS_BIAS": False, "DOT": True, "DOT_PRECISION": "tf32"}
+DECODE_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")},
+               "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "part_out_ptr": "*fp32",
+               "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "qk_scale": "fp32"}
+DECODE_CONSTS = {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": 64, "SPLIT": True,
+                 "DOT_PRECISION": "tf32"}
+ROTARY_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "q_norm_ptr", "k_norm_ptr", "k_cache_ptr",
+                                       "v_cache_ptr")},
+               "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "eps": "fp32"}
+ROTARY_CONSTS = {"NUM_Q_HEADS": 32, "Q_HEADS_PAD": 32, "NUM_KV_HEADS": 8, "KV_HEADS_PAD": 8, "HALF": 64,
+                 "HALF_PAD": 64, "BLOCK_SIZE": 16, "HAS_NORM": True}
+KERNELS = {
+    "gemv": (gemv._skinny_linear_kernel, GEMV_ARGS, GEMV_CONSTS, {"num_warps": 4}),
+    "gemv-silu": (gemv._skinny_linear_kernel, GEMV_ARGS, {**GEMV_CONSTS, "SILU_MUL": True, "EVEN_K": False},
+                  {"num_warps": 4}),
+    "decode-split": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_CONSTS, {"num_warps": 4, "num_stages": 3}),
+    "rms-norm": (fused_ops._rms_norm_kernel,
+                 {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},
+                 {"HIDDEN": 2048, "BLOCK": 2048, "HAS_RESIDUAL": True}, {"num_warps": 8}),
+    "rotary-store-kv": (fused_ops._rotary_store_kv_kernel, ROTARY_ARGS, ROTARY_CONSTS, {"num_warps": 4}),
+    "silu-and-mul": (fused_ops._silu_and_mul_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, {"BLOCK": 1024},
+                     {"num_warps": 4}),
+}
+
+
+
+
+def main() -> None:
+    counts = {}
+    for name, (fn, pointers, constexprs, options) in sorted(KERNELS.items()):
+        for pdl in (False, True):
+            code = ptx(fn, pointers, {**constexprs, "PDL": pdl}, **options, **({"launch_pdl": True} if pdl else {}))
+            counts[f"{name}/{pdl}"] = [code.count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]
+    json.dump(counts, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The decode path's Triton kernels compile for Hopper (sm_90) on any machine, GPU or not.
+
+CI has no GPU, and the Triton interpreter runs a kernel's Python, not the compiler: a construct the
+interpreter accepts can still fail to lower for the GPU. Compiling for `GPUTarget("cuda", 90, 32)`
+with Triton's bundled ptxas (`tests/sm90_ptx.py`, in a process without TRITON_INTERPRET) catches
+that, and the PTX shows the programmatic-dependent-launch contract of `kernels/pdl.py`: with PDL on,
+exactly one `griddepcontrol.wait` and one `griddepcontrol.launch_dependents` per kernel; off, none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sm90_ptx import KERNELS
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict[str, list[int]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("sm90_ptx.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_decode_kernel_compiles_for_hopper_with_the_pdl_contract(counts, name, pdl):
+    assert counts[f"{name}/{pdl}"] == [int(pdl), int(pdl)]
