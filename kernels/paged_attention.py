@@ -204,6 +204,7 @@ def _decode_kernel(
     stride_bt_s, stride_o_s, stride_o_h, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+    GROUP_POW2: tl.constexpr = 1, SPLITS_PAD: tl.constexpr = 1, SPLIT_CHUNK: tl.constexpr = 1,
 ):
     # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
     # together they read each page of the pool whole.
@@ -262,45 +263,73 @@ def _decode_kernel(
         if (used > 1) & (split < used):
             _store_split_and_merge_last(
                 result, m, safe_sum, rows, heads, dims, seq, kv_head, split, used,
-                out, part_out_ptr, part_lse_ptr, counter_ptr,
-                stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, GROUP,
+                out_ptr, part_out_ptr, part_lse_ptr, counter_ptr, stride_o_s, stride_o_h,
+                stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
+                GROUP, HEAD_DIM, GROUP_POW2, SPLITS_PAD, SPLIT_CHUNK,
             )
 
 
 @triton.jit
 def _store_split_and_merge_last(
     result, m, safe_sum, rows, heads, dims, seq, kv_head, split, used,
-    out, part_out_ptr, part_lse_ptr, counter_ptr,
-    stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, GROUP: tl.constexpr,
+    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr, stride_o_s, stride_o_h,
+    stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_POW2: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
 ):
     """Store this split's normalised output and log2-sum-exp, count the split in on its (seq, KV head)
-    counter, and if it is the last of the `used` splits to arrive, merge all of them into `out` (in
-    split order: the result does not depend on which program came last) and reset the counter. The
-    merge used to be a second launch; it cost a few microseconds per layer even when every sequence
-    was short enough for one split."""
+    counter, and if it is the last of the `used` splits to arrive, merge all of them into the output
+    and reset the counter. The merge used to be a second launch, which cost a few microseconds per
+    layer even when every sequence was short enough for one split. It is vectorised over splits (all
+    log-sum-exps in one load, the outputs SPLIT_CHUNK splits at a time), so the tail it adds to the
+    kernel is a few loads however many splits there are; its sums run in a fixed order, so the result
+    does not depend on which program came last."""
     row_mask = rows < GROUP
     part = part_out_ptr + seq * stride_po_s + heads * stride_po_h
-    lse_part = part_lse_ptr + seq * stride_pl_s + heads * stride_pl_h
     tl.store(part[:, None] + split * stride_po_p + dims[None, :], result, mask=row_mask[:, None])
-    tl.store(lse_part + split, m + tl.log2(safe_sum), mask=row_mask)  # every used split holds tokens
+    tl.store(part_lse_ptr + seq * stride_pl_s + heads * stride_pl_h + split, m + tl.log2(safe_sum),
+             mask=row_mask)  # every used split holds tokens: the sum is positive
     # The barrier orders every thread's stores before the (one-thread) release-acquire atomic; the
     # last to arrive then sees all partials (loaded past L1, which may hold none of them).
     tl.debug_barrier()
     counter = counter_ptr + seq * tl.num_programs(0) + kv_head
     arrived = tl.atomic_add(counter, 1, sem="acq_rel")
     if arrived == used - 1:
-        lse_max = tl.full(m.shape, float("-inf"), tl.float32)
-        for s in range(0, used):
-            lse_max = tl.maximum(lse_max, tl.load(lse_part + s, mask=row_mask, other=0.0, cache_modifier=".cg"))
-        total = tl.zeros(m.shape, tl.float32)
-        merged = tl.zeros(result.shape, tl.float32)
-        for s in range(0, used):
-            weight = tl.exp2(tl.load(lse_part + s, mask=row_mask, other=0.0, cache_modifier=".cg") - lse_max)
-            total += weight
-            merged += weight[:, None] * tl.load(part[:, None] + s * stride_po_p + dims[None, :],
-                                                mask=row_mask[:, None], other=0.0, cache_modifier=".cg")
-        tl.store(out, (merged / total[:, None]).to(out.dtype.element_ty), mask=row_mask[:, None])
+        group = tl.arange(0, GROUP_POW2)  # the group's heads without tl.dot's padding
+        group_mask = group < GROUP
+        group_heads = kv_head * GROUP + group
+        lse_row = part_lse_ptr + seq * stride_pl_s + group_heads * stride_pl_h
+        splits = tl.arange(0, SPLITS_PAD)
+        lse = tl.load(lse_row[:, None] + splits[None, :], mask=group_mask[:, None] & (splits[None, :] < used),
+                      other=float("-inf"), cache_modifier=".cg")
+        lse_max = tl.where(group_mask, tl.max(lse, axis=1), 0.0)  # padding rows: all -inf
+        total = tl.sum(tl.exp2(lse - lse_max[:, None]), axis=1)
+        part_row = part_out_ptr + seq * stride_po_s + group_heads * stride_po_h
+        chunk = tl.arange(0, SPLIT_CHUNK)
+        merged = tl.zeros([GROUP_POW2, HEAD_DIM], tl.float32)
+        for first in range(0, used, SPLIT_CHUNK):
+            in_chunk = group_mask[:, None] & ((first + chunk)[None, :] < used)
+            weight = tl.exp2(tl.load(lse_row[:, None] + first + chunk[None, :], mask=in_chunk,
+                                     other=float("-inf"), cache_modifier=".cg") - lse_max[:, None])
+            parts = tl.load(part_row[:, None, None] + (first + chunk)[None, :, None] * stride_po_p
+                            + dims[None, None, :], mask=in_chunk[:, :, None], other=0.0, cache_modifier=".cg")
+            merged += tl.sum(weight[:, :, None] * parts, axis=1)
+        out = out_ptr + seq * stride_o_s + group_heads[:, None] * stride_o_h + dims[None, :]
+        merged = merged / tl.where(total > 0.0, total, 1.0)[:, None]
+        tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=group_mask[:, None])
         tl.store(counter, 0)
+
+
+def _merge_shape(group: int, head_dim: int, num_splits: int) -> dict[str, int]:
+    """Tile sizes of the merge in the decode kernel: the group's heads rounded up to a power of two,
+    every split's log-sum-exp at once, and up to 8 splits' outputs per step, as many as keep the
+    [heads, splits, head_dim] tile within 8K fp32 values (64 registers a thread at 4 warps)."""
+    group_pow2 = triton.next_power_of_2(group)
+    splits_pad = triton.next_power_of_2(num_splits)
+    chunk = 8
+    while chunk > 1 and (chunk > splits_pad or group_pow2 * chunk * head_dim > 8192):
+        chunk //= 2
+    return {"GROUP_POW2": group_pow2, "SPLITS_PAD": splits_pad, "SPLIT_CHUNK": chunk}
 
 
 def paged_decode(
@@ -354,7 +383,8 @@ def paged_decode(
         po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1],
         GROUP=group, GROUP_PAD=max(group_pad, 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(q.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_merge_shape(group, head_dim, num_splits),
+        **launch_options(q.device),
     )
     return out
 

@@ -18,8 +18,12 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def ptx(fn, pointers: dict[str, str], constexprs: dict, **options) -> str:
-    """PTX of `fn` for sm_90: pointer arguments typed as given, other runtime scalars int32 (float32
-    where named in pointers with a non-pointer type)."""
+    """PTX of `fn` for sm_90: arguments typed as `pointers` gives them (pointers, or fp32 scalars),
+    other runtime scalars int32. Every constexpr must be in `constexprs`, defaults included: one left
+    out would be compiled as a runtime int32."""
+    missing = [param.name for param in fn.params if param.is_constexpr and param.name not in constexprs]
+    if missing:
+        raise ValueError(f"{fn.__name__}: constexprs {missing} not given")
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=HOPPER, options=options).asm["ptx"]
@@ -28,12 +32,12 @@ def ptx(fn, pointers: dict[str, str], constexprs: dict, **options) -> str:
 GEMV_ARGS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "partial_ptr": "*fp32",
              "counter_ptr": "*i32"}
 GEMV_CONSTS = {"M_PAD": 16, "BLOCK_N": 64, "BLOCK_K": 128, "NUM_STAGES": 4, "SPLIT": True, "EVEN_K": True,
-               "HAS_BIAS": False, "DOT": True, "DOT_PRECISION": "tf32"}
+               "HAS_BIAS": False, "DOT": True, "DOT_PRECISION": "tf32", "SILU_MUL": False}
 DECODE_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")},
                "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "part_out_ptr": "*fp32",
                "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "qk_scale": "fp32"}
 DECODE_CONSTS = {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": 64, "SPLIT": True,
-                 "DOT_PRECISION": "tf32"}
+                 "DOT_PRECISION": "tf32", "GROUP_POW2": 4, "SPLITS_PAD": 64, "SPLIT_CHUNK": 8}
 ROTARY_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "q_norm_ptr", "k_norm_ptr", "k_cache_ptr",
                                        "v_cache_ptr")},
                "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "eps": "fp32"}

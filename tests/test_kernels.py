@@ -164,6 +164,17 @@ def test_decode_min_split_len_balances_mixed_lengths(min_split) -> None:
         assert all_zero(), "the last split of a row must put its arrival counter back to zero"
 
 
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(8, 2), (8, 1), (4, 4)])
+def test_decode_merges_many_splits_in_chunks(q_heads, kv_heads) -> None:
+    """Up to 13 splits of one row merged by the last to finish, several SPLIT_CHUNK steps of the
+    vectorised merge (groups of 4, 8 and 1 query heads per KV head), beside one-split and empty rows."""
+    batch = build_batch([200, 130, 1, 0, 64], [1] * 5, q_heads=q_heads, kv_heads=kv_heads, head_dim=64,
+                        block_size=8, dtype=torch.float32, seed=3)
+    actual, expected = run_decode(batch, num_splits=20, config=SMALL_DECODE)
+    assert_matches(actual, expected, TOLERANCE[torch.float32], f"decode q {q_heads} kv {kv_heads}")
+    assert all_zero()
+
+
 def test_graph_split_plan() -> None:
     """Decode graphs aim for GRAPH_PROGRAMS_PER_SM programs per SM whatever the lengths turn out to be."""
     assert GRAPH_PROGRAMS_PER_SM * 132 == 2112
