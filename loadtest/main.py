@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     workload.add_argument("--vocab-limit", type=int, default=1000, help="prompt token ids are below this")
     workload.add_argument("--seed", type=int, default=0)
     workload.add_argument("--token-salt", type=int, default=0,
-                          help="prompt token ids of point i are seeded with salt + i (lengths are not): give a "
+                          help="with the point's index, seeds its prompt token ids (lengths are not): give a "
                                "warm-up run another salt, so the measured prompts are new to a prefix cache")
     workload.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                           help="generate exactly max_tokens")

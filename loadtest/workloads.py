@@ -40,7 +40,7 @@ class WorkloadConfig:
     num_prefixes: int = 1
     vocab_limit: int = 1000
     seed: int = 0
-    # Added to the point index to seed prompt token ids (not lengths): see `generate`.
+    # Seeds prompt token ids (not lengths) together with the point index: see `generate`.
     token_salt: int = 0
 
     def __post_init__(self) -> None:
@@ -62,11 +62,12 @@ class WorkloadConfig:
 def generate(config: WorkloadConfig, seed_offset: int = 0, point: int = 0) -> Iterator[RequestSpec]:
     """An endless, reproducible stream of requests. Lengths (and which shared prefix a prompt takes)
     come from `seed + seed_offset` alone, so every point of a sweep sends the same lengths; token ids
-    also take `token_salt + point`, so each point's prompts are new to the server. A prefix cache then
+    also take `token_salt` and `point` (as separate seed words: salt 1 point 0 is not salt 0 point 1),
+    so each point's prompts are new to the server. A prefix cache then
     holds nothing from an earlier point, or from a warm-up run given another salt, that would let
     prompts skip their prefill and flatter TTFT."""
     lengths = np.random.default_rng(config.seed + seed_offset)
-    tokens = np.random.default_rng([config.seed + seed_offset, config.token_salt + point])
+    tokens = np.random.default_rng([config.seed + seed_offset, config.token_salt, point])
     if config.kind == "sharegpt":
         yield from _sharegpt(config, lengths, tokens)
     elif config.kind == "prefix":

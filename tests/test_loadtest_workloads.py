@@ -55,18 +55,20 @@ def test_same_seed_same_stream_other_seed_other_stream():
 
 @pytest.mark.parametrize("kind", ["random", "sharegpt", "prefix"])
 def test_each_point_sends_the_same_lengths_with_its_own_tokens(kind):
-    """A sweep's points (and a warm-up given another salt) share lengths and prefix choices, never
-    token ids: no prompt of one is a cached prefix for the next."""
+    """A sweep's points (and a warm-up given another salt, even salt 1 against point 1) share lengths
+    and prefix choices, never token ids: no prompt of one is a cached prefix for the next."""
     config = WorkloadConfig(kind, input_len=40, output_len=9, range_ratio=0.5, prefix_len=16, num_prefixes=2,
                             vocab_limit=1000, seed=5)
     first = list(itertools.islice(generate(config, point=0), 30))
     second = list(itertools.islice(generate(config, point=1), 30))
     warm_up = list(itertools.islice(generate(WorkloadConfig(**{**config.__dict__, "token_salt": 1000})), 30))
+    salt_one = list(itertools.islice(generate(WorkloadConfig(**{**config.__dict__, "token_salt": 1})), 30))
     assert first == list(itertools.islice(generate(config, point=0), 30))
-    for other in (second, warm_up):
+    for other in (second, warm_up, salt_one):
         assert [(len(a.prompt_token_ids), a.max_tokens) for a in first] == [
             (len(b.prompt_token_ids), b.max_tokens) for b in other]
         assert not {tuple(a.prompt_token_ids[:16]) for a in first} & {tuple(b.prompt_token_ids[:16]) for b in other}
+    assert not {tuple(a.prompt_token_ids[:16]) for a in second} & {tuple(b.prompt_token_ids[:16]) for b in salt_one}
 
 
 @pytest.mark.parametrize("bad", [dict(kind="nope"), dict(input_len=0), dict(range_ratio=1.0),
