@@ -21,8 +21,9 @@ def make_engine(blocks: int = 64, cpu_blocks: int = 64, block_size: int = 8, max
                 **options) -> LLMEngine:
     options.setdefault("max_num_seqs", 8)
     options.setdefault("max_num_batched_tokens", 32)
+    options.setdefault("watermark", 0.0)
     config = EngineConfig.create(block_size=block_size, num_gpu_blocks=blocks, num_cpu_blocks=cpu_blocks,
-                                 watermark=0.0, **options)
+                                 **options)
     executor = SimulatedExecutor(VOCAB, block_size, avoid=frozenset({EOS}))
     return LLMEngine(config, executor, num_gpu_blocks=blocks, num_cpu_blocks=cpu_blocks,
                      max_model_len=max_model_len, eos_token_ids=[EOS], vocab_size=VOCAB)
@@ -167,6 +168,16 @@ def test_requests_that_can_never_fit_are_refused_naming_the_limit():
     with pytest.raises(RequestRejected, match="empty"):
         engine.add_request("empty", [], SamplingParams())
     assert not engine.has_unfinished_requests()
+
+
+def test_a_request_needing_the_watermark_blocks_starts_when_nothing_runs():
+    """The limits accept a request that needs the whole pool; the watermark, which keeps room for
+    running requests to grow, must not keep it waiting forever when nothing runs."""
+    engine = make_engine(blocks=10, max_model_len=80, watermark=0.2, enable_chunked_prefill=False,
+                         max_num_batched_tokens=80)
+    engine.add_request("big", prompt(72), SamplingParams(max_tokens=8, ignore_eos=True))
+    deltas = run_to_end(engine, max_steps=50)
+    assert len(tokens_of(deltas["big"])) == 8
 
 
 def test_parallel_sampling_shares_prompt_blocks():

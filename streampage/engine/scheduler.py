@@ -185,8 +185,7 @@ class Scheduler:
             seqs = group.live_seqs()
             plan, left = self._plan_rows(group, prefill_budget, whole_prompt)
             need = self.kv.blocks_to_resume(seqs, [(seq, n) for seq, n, _ in plan])
-            if (self._seats + group.width > self.config.max_num_seqs
-                    or not self.kv.can_allocate(need, keep_watermark=bool(self.running))):
+            if self._seats + group.width > self.config.max_num_seqs or not self._fits(need):
                 break
             self.swapped.pop(0)
             out.blocks_to_swap_in.extend(self.kv.swap_in(seqs))
@@ -205,7 +204,7 @@ class Scheduler:
             if not plan:
                 break
             need = sum(self.kv.num_new_blocks_needed(seq, n, hit) for seq, n, hit in plan)
-            if not self.kv.can_allocate(need, keep_watermark=True):
+            if not self._fits(need):
                 break
             prefill_budget = left
             self.waiting.popleft()
@@ -259,6 +258,12 @@ class Scheduler:
         _insert_by_arrival(self.running, group)
         self._seats += group.width
 
+    def _fits(self, need: int) -> bool:
+        """Whether a request can start (or resume) on `need` more blocks. The watermark keeps room for
+        running requests to grow; with none running it would only stop a request that the limits
+        accepted (one that needs nearly the whole pool) from ever starting."""
+        return self.kv.can_allocate(need, keep_watermark=bool(self.running))
+
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         """Evict a running request (all its sequences) to free blocks for older ones."""
         self.running.remove(group)
@@ -268,7 +273,7 @@ class Scheduler:
         if group in out.groups:  # scheduled by the allocation-free first pass: drop its rows
             out.remove_rows_of(group)
         seqs = group.live_seqs()
-        if self._choose_swap(group, seqs):
+        if self._choose_swap(seqs):
             out.blocks_to_swap_out.extend(self.kv.swap_out(seqs))
             group.status = SeqStatus.SWAPPED
             for seq in seqs:
@@ -282,7 +287,7 @@ class Scheduler:
         group.status = SeqStatus.WAITING
         _insert_by_arrival(self.waiting, group)
 
-    def _choose_swap(self, group: SequenceGroup, seqs: list[Sequence]) -> bool:
+    def _choose_swap(self, seqs: list[Sequence]) -> bool:
         """Swap or recompute, by policy (auto: recompute a lone sequence, swap a group) - unless only
         the other one can work. Recomputing loses the sharing between a group's sequences, so it
         needs room for every sequence's own blocks; swapping needs CPU space for the shared ones.
