@@ -21,7 +21,7 @@ from loadtest.arrivals import arrival_offsets
 from loadtest.backends import BackendClient, BackendConfig
 from loadtest.records import RequestRecord
 from loadtest.websocket_backend import open_websocket_client
-from loadtest.workloads import RequestSpec, WorkloadConfig, generate
+from loadtest.workloads import RequestSpec, WorkloadConfig, generate, with_prompt_text
 
 LAG_PROBE_INTERVAL_S = 0.01
 
@@ -75,9 +75,12 @@ async def measure_point(backend: BackendConfig, point: LoadPoint, workload: Work
                         point_index: int = 0, request_timeout: float = 600.0, progress: bool = True) -> PointResult:
     """One load point on a fresh client. Every point of a run sends the same seeded lengths at the same
     seeded arrival offsets; its prompt tokens are its own (`generate`'s `point`)."""
+    specs = generate(workload, point=point_index)
+    if backend.prompt_tokenizer:
+        specs = with_prompt_text(specs, backend.prompt_tokenizer)
     async with open_client(backend) as client:
-        return await run_point(client, point, generate(workload, point=point_index), seed=workload.seed,
-                               request_timeout=request_timeout, progress=progress)
+        return await run_point(client, point, specs, seed=workload.seed, request_timeout=request_timeout,
+                               progress=progress)
 
 
 async def run_point(client: BackendClient, point: LoadPoint, specs: Iterator[RequestSpec], *,

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from time import perf_counter
 from typing import Any
 
 import aiohttp
 import orjson
-from tokenizers import Tokenizer
 
 from loadtest.backends import BackendConfig, BackendUnavailable
 from loadtest.records import RequestRecord
@@ -26,17 +24,14 @@ DONE = b"[DONE]"
 
 
 class OpenAIClient:
-    def __init__(self, config: BackendConfig, session: aiohttp.ClientSession, model: str,
-                 tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, config: BackendConfig, session: aiohttp.ClientSession, model: str) -> None:
         self._config = config
         self._session = session
         self._model = model
-        self._tokenizer = tokenizer
 
     def payload(self, spec: RequestSpec) -> dict[str, Any]:
         # A server that takes only text re-tokenizes the decoded prompt: its length may differ a little.
-        prompt = (spec.prompt_token_ids if self._tokenizer is None
-                  else self._tokenizer.decode(spec.prompt_token_ids, skip_special_tokens=False))
+        prompt = spec.prompt_token_ids if spec.prompt_text is None else spec.prompt_text
         payload = {
             "model": self._model, "prompt": prompt, "max_tokens": spec.max_tokens,
             "temperature": self._config.temperature, "stream": True, "stream_options": {"include_usage": True},
@@ -104,15 +99,6 @@ async def first_model(session: aiohttp.ClientSession, config: BackendConfig) -> 
     return models[0]["id"]
 
 
-def load_prompt_tokenizer(path: str) -> Tokenizer:
-    """A tokenizer.json, or the one in a checkpoint directory."""
-    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as exc:  # tokenizers raises its own exception type for a missing or bad file
-        raise ValueError(f"--prompt-tokenizer {path}: cannot load {file}: {exc}") from exc
-
-
 @asynccontextmanager
 async def open_openai_client(config: BackendConfig) -> AsyncIterator[OpenAIClient]:
     # No connection limit: a pool cap would queue requests inside aiohttp, out of the measurement's sight.
@@ -122,5 +108,4 @@ async def open_openai_client(config: BackendConfig) -> AsyncIterator[OpenAIClien
             model = config.model or await first_model(session, config)
         except (aiohttp.ClientError, KeyError, RuntimeError) as exc:
             raise BackendUnavailable(config.url, exc) from exc
-        tokenizer = load_prompt_tokenizer(config.prompt_tokenizer) if config.prompt_tokenizer else None
-        yield OpenAIClient(config, session, model, tokenizer)
+        yield OpenAIClient(config, session, model)

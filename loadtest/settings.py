@@ -15,7 +15,7 @@ from loadtest.driver import LoadPoint
 from loadtest.metrics import SLO
 from loadtest.report import point_json
 from loadtest.scenarios import ScenarioConfig
-from loadtest.workloads import WorkloadConfig
+from loadtest.workloads import WorkloadConfig, load_prompt_tokenizer
 
 
 class SettingsError(ValueError):
@@ -50,8 +50,11 @@ class Settings:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     if not args.allow_remote and not is_loopback(args.host):
         raise SettingsError(f"--host {args.host} is not a loopback address; pass --allow-remote to load it")
-    if args.prompt_tokenizer is not None and not Path(args.prompt_tokenizer).exists():
-        raise SettingsError(f"--prompt-tokenizer {args.prompt_tokenizer}: no such file or directory")
+    if args.prompt_tokenizer is not None:
+        try:
+            load_prompt_tokenizer(args.prompt_tokenizer)  # cached: the run reuses it
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
     try:
         backend = BackendConfig(
             kind=args.backend, host=args.host, port=args.port, endpoint=args.endpoint, api_key=args.api_key,

@@ -6,10 +6,16 @@ tokenizer; output lengths are set by `max_tokens` with `ignore_eos`, so they are
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 WORKLOADS = ("random", "fixed", "sharegpt", "prefix")
 
@@ -28,6 +34,7 @@ SHAREGPT_MAX_TOTAL = 2048
 class RequestSpec:
     prompt_token_ids: list[int]
     max_tokens: int
+    prompt_text: str | None = None  # the ids decoded, for servers that take text only (`with_prompt_text`)
 
 
 @dataclass(frozen=True)
@@ -113,3 +120,23 @@ def _shared_prefix(config: WorkloadConfig, lengths: np.random.Generator,
         suffix_len = _uniform_len(lengths, config.input_len, config.range_ratio)
         output_len = _uniform_len(lengths, config.output_len, config.range_ratio)
         yield RequestSpec(prefix + _tokens(tokens, config, suffix_len), output_len)
+
+
+@functools.cache
+def load_prompt_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer.json, or the one in a checkpoint directory (loaded once per process)."""
+    from tokenizers import Tokenizer  # only the text-prompt path needs it
+
+    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises its own exception type for a missing or bad file
+        raise ValueError(f"--prompt-tokenizer {path}: cannot load {file}: {exc}") from exc
+
+
+def with_prompt_text(specs: Iterator[RequestSpec], tokenizer_path: str) -> Iterator[RequestSpec]:
+    """The same requests with their prompts also as text. Decoding happens as each request is drawn,
+    before its arrival time, so it is not counted in its latency."""
+    tokenizer = load_prompt_tokenizer(tokenizer_path)
+    for spec in specs:
+        yield replace(spec, prompt_text=tokenizer.decode(spec.prompt_token_ids, skip_special_tokens=False))

@@ -144,6 +144,10 @@ def test_openai_prompts_as_text_for_servers_without_token_ids(tmp_path):
 def test_openai_missing_prompt_tokenizer_is_refused(tmp_path, capsys):
     assert run(_args(1, "--num-prompts", "1", "--prompt-tokenizer", str(tmp_path / "missing"))) == 2
     assert "--prompt-tokenizer" in capsys.readouterr().err
+    broken = tmp_path / "tokenizer.json"
+    broken.write_text("not a tokenizer")
+    assert run(_args(1, "--num-prompts", "1", "--prompt-tokenizer", str(tmp_path))) == 2
+    assert "--prompt-tokenizer" in capsys.readouterr().err
 
 
 def test_openai_stream_without_done_ends_on_its_finish_reason(tmp_path):
