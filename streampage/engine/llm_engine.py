@@ -221,30 +221,27 @@ class LLMEngine:
         for seq, group, n, index, result in rows:
             if seq.status is SeqStatus.FINISHED:
                 continue  # ended (EOS, abort) while this step was in flight: its row is moot
-            if result is None:
-                if seq.num_computed_tokens % block_size < n:  # a block filled up: record its prefix
-                    kv.commit_computed(seq)
-                continue
-            entry = touched.get(group.request_id)
-            if entry is None:
-                entry = touched[group.request_id] = (group, self._delta(group))
-                if group.first_token_time is None:
-                    self._count_prompt(group)
-            if group.params.use_beam_search:
-                del seq.token_ids[index:]  # beams are re-seated from the candidates
-                beam_rows.setdefault(group.request_id, []).append((seq, result))
-            elif seq.logprobs is None and len(result.token_ids) == 1:  # the common case, inline
-                token = result.token_ids[0]
-                self._record(seq, group.params, index, token, result.logprobs[0])
-                choice = 0 if group.seqs[0] is seq else group.seqs.index(seq)
-                entry[1].seqs.append(SeqDelta(choice, [token], None, seq.cumulative_logprob, seq.finish_reason,
-                                              seq.stop_reason))
-            else:
-                self._append_sampled(group, seq, index, result, entry[1])
+            if result is not None:
+                entry = touched.get(group.request_id)
+                if entry is None:
+                    entry = touched[group.request_id] = (group, self._delta(group))
+                    if group.first_token_time is None:
+                        self._count_prompt(group)
+                if group.params.use_beam_search:
+                    del seq.token_ids[index:]  # beams are re-seated from the candidates
+                    beam_rows.setdefault(group.request_id, []).append((seq, result))
+                elif seq.logprobs is None and len(result.token_ids) == 1:  # the common case, inline
+                    token = result.token_ids[0]
+                    self._record(seq, group.params, index, token, result.logprobs[0])
+                    choice = 0 if group.seqs[0] is seq else group.seqs.index(seq)
+                    entry[1].seqs.append(SeqDelta(choice, [token], None, seq.cumulative_logprob,
+                                                  seq.finish_reason, seq.stop_reason))
+                else:
+                    self._append_sampled(group, seq, index, result, entry[1])
             # Only a step that filled a block has a prefix to record (one row in block_size when
-            # decoding); a block missed here, e.g. while the sequence was swapped out, is recorded
-            # with the next one.
-            if seq.status is not SeqStatus.FINISHED and seq.num_computed_tokens % block_size < n:
+            # decoding; commit_computed skips a sequence that just finished or holds no GPU blocks); a
+            # block missed here, e.g. while the sequence was swapped out, is recorded with the next one.
+            if seq.num_computed_tokens % block_size < n:
                 kv.commit_computed(seq)
         for request_id, beam in beam_rows.items():
             group, delta = touched[request_id]
