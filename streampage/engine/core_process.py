@@ -45,10 +45,7 @@ class CoreInfo:
     """What the front end learns once the model is loaded."""
 
     model_dir: str
-    limits: RequestLimits
-    block_size: int
-    num_gpu_blocks: int
-    num_cpu_blocks: int
+    limits: RequestLimits  # the pool's sizes included: what a request may ask for
 
 
 def start_core(config: EngineConfig, main_module: str = __name__,
@@ -90,9 +87,7 @@ def run_core(config: EngineConfig, conn: Connection,
         conn.send(("status", "loading the model"))
         engine, model_dir = load(config)  # loaders freeze what they built (freeze_long_lived_objects)
         try:
-            kv = engine.kv
-            conn.send(("ready", CoreInfo(model_dir, engine.limits, kv.block_size, kv.gpu.num_blocks,
-                                         kv.cpu.num_blocks)))
+            conn.send(("ready", CoreInfo(model_dir, engine.limits)))
             _serve(engine, conn)
         finally:
             engine.shutdown()  # tensor-parallel ranks exit with the core
