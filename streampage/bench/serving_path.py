@@ -39,6 +39,7 @@ from streampage.bench.workloads import resolve_model
 from streampage.config import EngineConfig
 from streampage.engine.llm_engine import LLMEngine, freeze_long_lived_objects
 from streampage.engine.scheduler import SchedulerOutput
+from streampage.model.loader import eos_token_ids, load_config
 from streampage.runner.step_types import RowResult
 from streampage.sampling_params import SamplingParams
 
@@ -76,7 +77,6 @@ class PacedExecutor:
         self._step_s = 1.0 / step_rate if step_rate > 0 else 0.0
         self._device_free_at = 0.0
         self.steps = 0
-        self.busy_s = 0.0  # the simulated device's time computing steps
         self.late_s = 0.0  # its time idle while the core had requests: the core launched late
 
     def launch(self, out: SchedulerOutput) -> tuple[float, list[RowResult | None]]:
@@ -86,7 +86,6 @@ class PacedExecutor:
         done_at = max(now, self._device_free_at) + self._step_s
         self._device_free_at = done_at
         self.steps += 1
-        self.busy_s += self._step_s
         return done_at, self._inner.execute(out)
 
     def collect(self, launched: tuple[float, list[RowResult | None]]) -> list[RowResult | None]:
@@ -96,19 +95,23 @@ class PacedExecutor:
             time.sleep(delay)
         return results
 
+    @property
+    def busy_s(self) -> float:
+        """The simulated device's time computing steps."""
+        return self.steps * self._step_s
+
 
 def simulated_engine(config: EngineConfig, step_rate: float) -> tuple[LLMEngine, str]:
     """An LLMEngine over the paced simulated model, with the checkpoint's vocabulary and EOS ids
     (EOS is never drawn, so every request runs to max_tokens like the --ignore-eos load)."""
     model_dir = config.model.model
     assert model_dir is not None
-    checkpoint = json.loads((Path(model_dir) / "config.json").read_text())
-    eos = checkpoint["eos_token_id"]
-    eos_ids = eos if isinstance(eos, list) else [eos]
-    vocab_size = checkpoint["vocab_size"]
+    checkpoint = load_config(Path(model_dir))
+    eos_ids = list(eos_token_ids(checkpoint, Path(model_dir)))  # what the real engine stops on
+    vocab_size = checkpoint.vocab_size
     block_size = config.cache.block_size
     num_gpu_blocks = config.cache.num_gpu_blocks or 65536
-    max_model_len = config.model.max_model_len or checkpoint.get("max_position_embeddings", 4096)
+    max_model_len = config.model.max_model_len or getattr(checkpoint, "max_position_embeddings", 4096)
     config = config.with_max_model_len(max_model_len)
     executor = PacedExecutor(SimulatedExecutor(vocab_size, block_size, avoid=frozenset(eos_ids)), step_rate)
     engine = LLMEngine(config, executor, num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=0,
@@ -275,7 +278,7 @@ def offline_tok_s(model_dir: str, args: argparse.Namespace) -> float:
     the rate `bench throughput` would report for this simulated model."""
     engine, _ = simulated_engine(EngineConfig.create(model=model_dir), args.step_rate)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
-    for i in range(args.num_prompts):
+    for i in range(args.num_prompts):  # ids below 1000, as the load generator's --vocab-limit 1000
         engine.add_request(f"r{i}", [1 + (i * 7919 + j) % 999 for j in range(args.input_len)], params)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -323,7 +326,6 @@ def _measure(args: argparse.Namespace, port: int, server_pid: int, core_pid: int
         "mean_tokens_per_frame": summary.get("mean_tokens_per_chunk"),
         "client_loop_lag_mean_ms": summary["mean_loop_lag_ms"],
         "client_send_delay_mean_ms": summary["mean_send_delay_ms"],
-        "client_cpu_busy": summary["client_cpu_busy"],
         "duration_s": duration,
         "cpu_s": cpu,
         "cpu_us_per_token": {name: per_token_us(seconds) for name, seconds in cpu.items()},
