@@ -71,17 +71,17 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(DEVICE)
     timer = Timer(args.reps)
-    shape = {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
-             "dtype": "bf16"}
     results: dict[str, Any] = {"device": props.name, "sms": props.multi_processor_count,
-                               "torch": torch.__version__, "triton": triton.__version__, "shape": shape}
+                               "torch": torch.__version__, "triton": triton.__version__}
     started = time.perf_counter()
     if args.sampler:
         return run_sampler(results, timer, started, args.output)
-    if args.gemv:
-        return run_gemv(results, timer, started, args.output)
     results["copy_tb_s"] = copy_bandwidth(timer)
     print(f"{props.name}: device copy {results['copy_tb_s']:.2f} TB/s (read + written)\n")
+    if args.gemv:
+        return run_gemv(results, timer, started, args.output)
+    results["shape"] = {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
+                        "dtype": "bf16"}
     results["decode"] = []
     flex_seconds = 0.0  # FlexAttention compiles per shape; stop trying once this passes FLEX_BUDGET_S
     for num_seqs, context in DECODE_SHAPES:
@@ -127,16 +127,18 @@ class Timer:
         per_call_ms = (time.perf_counter() - start) * 1e3 / len(fns)
         return max(len(fns), min(200, math.ceil(MIN_SAMPLE_MS / max(per_call_ms, 1e-3))))
 
-    def _median(self, sample: Callable[[], None], calls: int) -> float:
+    @staticmethod
+    def _time_once(sample: Callable[[], None], calls: int) -> float:
+        """Microseconds per call of one run of `sample` (which makes `calls` calls), by CUDA events."""
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(self.reps):
-            begin.record()
-            sample()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) * 1e3 / calls)
-        return statistics.median(times)
+        begin.record()
+        sample()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) * 1e3 / calls
+
+    def _median(self, sample: Callable[[], None], calls: int) -> float:
+        return statistics.median(self._time_once(sample, calls) for _ in range(self.reps))
 
     def eager(self, fns: list[Callable[[], Any]]) -> float:
         """Launched from Python one after another: includes launch overhead where it dominates."""
@@ -177,20 +179,11 @@ class Timer:
         Returns both medians (us per call) and the median of the per-pair ratios second / first."""
         graph_a, calls = self._capture(first)
         graph_b, _ = self._capture(second, calls)
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def timed(graph: torch.cuda.CUDAGraph) -> float:
-            begin.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            return begin.elapsed_time(end) * 1e3 / calls
-
         times_a, times_b = [], []
         for rep in range(3 * self.reps):
             order = ((graph_a, times_a), (graph_b, times_b))
             for graph, times in order if rep % 2 == 0 else reversed(order):
-                times.append(timed(graph))
+                times.append(self._time_once(graph.replay, calls))
         ratios = [b / a for a, b in zip(times_a, times_b, strict=True)]
         return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
 
@@ -587,7 +580,6 @@ SAMPLER_ROWS = [1, 64, 256]
 
 
 def run_sampler(results: dict[str, Any], timer: Timer, started: float, output: str | None) -> int:
-    del results["shape"]  # the attention shapes
     results["sampler"] = bench_sampler(timer)
     print_sampler(results["sampler"])
     save_results(results, started, output)
@@ -654,9 +646,6 @@ def run_gemv(results: dict[str, Any], timer: Timer, started: float, output: str 
     """Every shape x rows: F.linear, the default GemvConfig and the best sweep candidate, graph-replayed
     over rotating weight copies. Rows print as they are measured and the JSON is rewritten after each
     shape, so a run cut short keeps what it measured."""
-    del results["shape"]  # the attention shapes
-    results["copy_tb_s"] = copy_bandwidth(timer)
-    print(f"{results['device']}: device copy {results['copy_tb_s']:.2f} TB/s (read + written)\n")
     print_gemv_header()
     results["gemv"] = []
     for name, n, k in GEMV_SHAPES:
