@@ -2,8 +2,8 @@
 spent in kernels (a gap means the GPU waited for the host), the top kernels, and the host calls
 that took longest (a long cudaStreamSynchronize or cudaMemcpy means the host waited for the GPU).
 
-    python3 scripts/profile_decode.py MODEL_OR_SHAPE BATCH [BATCH...] [--no-async-scheduling]
-        [--decode-gemv] [--programmatic-launch]
+    python3 scripts/profile_decode.py MODEL_OR_SHAPE BATCH [BATCH...] [ENGINE OPTIONS, e.g.
+        --no-async-scheduling --decode-gemv --programmatic-launch]
 """
 
 import argparse
@@ -13,6 +13,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from streampage.bench.workloads import fixed_workload, resolve_model
+from streampage.cli import add_engine_arguments, engine_options
 from streampage.llm import LLM
 from streampage.sampling_params import SamplingParams
 
@@ -23,14 +24,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("batches", type=int, nargs="+")
-    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--decode-gemv", action="store_true")
-    parser.add_argument("--programmatic-launch", action="store_true")
+    add_engine_arguments(parser, skip=("model",))  # every engine option, e.g. --no-async-scheduling
     args = parser.parse_args()
-    llm = LLM(resolve_model(args.model), max_num_seqs=max(args.batches), max_model_len=4096,
-              async_scheduling=args.async_scheduling, decode_gemv=args.decode_gemv,
-              programmatic_launch=args.programmatic_launch)
+    options = {"max_num_seqs": max(args.batches), "max_model_len": 4096, **engine_options(args, skip=("model",))}
+    llm = LLM(resolve_model(args.model), **options)
     engine = llm.engine
     params = SamplingParams(max_tokens=64, temperature=args.temperature, ignore_eos=True)
     for batch in args.batches:
