@@ -63,7 +63,8 @@ def encode(kind: Kind, moves: CacheMoves | None = None, inputs: StepInputs | Non
 
 
 def decode(message: np.ndarray) -> tuple[Kind, CacheMoves | None, StepInputs | None]:
-    """The inverse of `encode`; the arrays own their memory (the receive buffer is reused)."""
+    """The inverse of `encode`. The arrays are views of `message`, which `ControlChannel.recv` allocates
+    afresh for every message, so nothing is copied and nothing is overwritten under them."""
     header = message[:_HEADER_BYTES].view(np.int64)
     kind = Kind(int(header[0]))
     if kind is not Kind.STEP:
@@ -72,7 +73,7 @@ def decode(message: np.ndarray) -> tuple[Kind, CacheMoves | None, StepInputs | N
     arrays, offset = [], _HEADER_BYTES
     for (_, dtype), count in zip(_FIELDS, header[_SCALARS:].tolist(), strict=True):
         nbytes = count * np.dtype(dtype).itemsize
-        arrays.append(message[offset : offset + nbytes].view(dtype).copy())
+        arrays.append(message[offset : offset + nbytes].view(dtype))
         offset += _padded(nbytes)
     ids, positions, slots, tables, lens, starts, sample_rows, placeholders, *pairs = arrays
     moves = CacheMoves(*(p.reshape(-1, 2).tolist() for p in pairs))
