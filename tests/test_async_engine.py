@@ -99,3 +99,24 @@ async def test_a_dead_core_fails_live_streams_at_once():
     with pytest.raises(EngineDeadError):
         await collect(engine, prompt, SamplingParams(), "after")
     await engine.shutdown()
+
+
+def test_step_deltas_cross_the_pipe_with_every_field():
+    """encode_deltas flattens deltas into tuples field by field (default pickling of the slotted
+    dataclasses costs several times more per step): every field of both classes must survive, so a
+    field added to either fails here until the encoding carries it."""
+    import dataclasses
+    import pickle
+
+    from streampage.engine.core_process import decode_deltas, encode_deltas
+    from streampage.engine.llm_engine import RequestDelta, SeqDelta
+
+    seq = SeqDelta(index=2, token_ids=[5, 6], logprobs=[{5: -0.1}], cumulative_logprob=-0.7, finish_reason="stop",
+                   stop_reason="###")
+    delta = RequestDelta(request_id="r1", seqs=[seq], finished=True, num_cached_tokens=16,
+                         first_scheduled_time=1.5, first_token_time=2.5)
+    set_fields = {f.name for f in dataclasses.fields(SeqDelta)} | {f.name for f in dataclasses.fields(RequestDelta)}
+    assert set_fields == {"index", "token_ids", "logprobs", "cumulative_logprob", "finish_reason", "stop_reason",
+                          "request_id", "seqs", "finished", "num_cached_tokens", "first_scheduled_time",
+                          "first_token_time"}, "a delta field changed: carry it in encode_deltas/decode_deltas"
+    assert decode_deltas(pickle.loads(pickle.dumps(encode_deltas([delta])))) == [delta]

@@ -120,15 +120,17 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
 
 
 def encode_deltas(deltas: list[RequestDelta]) -> list[tuple]:
-    """Plain tuples for the pipe: pickling slotted dataclasses costs ~20x more per step."""
-    return [(d.request_id, d.finished, d.num_cached_tokens, d.first_scheduled_time, d.first_token_time,
+    """Plain tuples for the pipe, in the dataclasses' field order: pickling slotted dataclasses costs
+    several times more per step (tests/test_async_engine.py checks every field survives)."""
+    return [(d.request_id,
              [(s.index, s.token_ids, s.logprobs, s.cumulative_logprob, s.finish_reason, s.stop_reason)
-              for s in d.seqs]) for d in deltas]
+              for s in d.seqs],
+             d.finished, d.num_cached_tokens, d.first_scheduled_time, d.first_token_time) for d in deltas]
 
 
 def decode_deltas(encoded: list[tuple]) -> list[RequestDelta]:
     return [RequestDelta(request_id, [SeqDelta(*seq) for seq in seqs], finished, cached, scheduled, first_token)
-            for request_id, finished, cached, scheduled, first_token, seqs in encoded]
+            for request_id, seqs, finished, cached, scheduled, first_token in encoded]
 
 
 def _handle(engine: LLMEngine, message: tuple[Any, ...], conn: Connection, accepted: list[tuple[str, int]]) -> bool:
