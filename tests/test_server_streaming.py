@@ -8,6 +8,8 @@ import orjson
 from fake_engine import FakeEngine, token_id, token_text
 from server_harness import Harness, check_exactly_once, running_server, streamed_text
 
+from streampage.server.metrics import ServerMetrics, TokenGapHistogram
+
 
 def expected(prompt: str, count: int) -> str:
     ids = [ord(c) for c in prompt]
@@ -107,3 +109,14 @@ async def test_stats_endpoint_shows_the_block_pool_while_streaming() -> None:
         assert stats["server"]["server_live_requests"] == 1
         await client.send(type="response.cancel", request_id="r")
         await client.finished("r")
+
+
+def test_token_gap_histogram_counts_like_prometheus_buckets() -> None:
+    histogram = TokenGapHistogram((0.01, 0.1))
+    histogram.observe(0.01)  # le is inclusive
+    histogram.observe(0.05, times=3)
+    histogram.observe(5.0)
+    assert histogram.counts == [1, 3, 1]
+    assert histogram.sum == 0.01 + 0.15 + 5.0
+    text = ServerMetrics().render().decode()
+    assert 'streampage:inter_token_latency_seconds_bucket{le="+Inf"} 0.0' in text

@@ -8,7 +8,6 @@ from streampage.bench.serving_path import PacedExecutor, simulated_engine
 from streampage.bench.workloads import resolve_model
 from streampage.config import EngineConfig
 from streampage.sampling_params import SamplingParams
-from streampage.server.metrics import ServerMetrics, TokenGapHistogram
 
 
 def test_paced_engine_runs_steps_at_the_rate_and_counts_late_launches() -> None:
@@ -24,14 +23,3 @@ def test_paced_engine_runs_steps_at_the_rate_and_counts_late_launches() -> None:
     assert engine.generation_tokens_total == 40
     assert elapsed >= executor.steps / 200.0 * 0.95
     assert executor.late_s < 0.5 * executor.busy_s  # the core kept the device busy
-
-
-def test_token_gap_histogram_counts_like_prometheus_buckets() -> None:
-    histogram = TokenGapHistogram((0.01, 0.1))
-    histogram.observe(0.01)  # le is inclusive
-    histogram.observe(0.05, times=3)
-    histogram.observe(5.0)
-    assert histogram.counts == [1, 3, 1]
-    assert histogram.sum == 0.01 + 0.15 + 5.0
-    text = ServerMetrics().render().decode()
-    assert 'streampage:inter_token_latency_seconds_bucket{le="+Inf"} 0.0' in text

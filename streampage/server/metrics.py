@@ -76,7 +76,8 @@ class ServerMetrics:
         self.e2e_request_latency = Histogram(
             "streampage:e2e_request_latency_seconds", "From receiving a request to its response.done.",
             buckets=_E2E_BUCKETS, registry=r)
-        self._live = _LiveCollector(self.inter_token_latency)
+        r.register(self.inter_token_latency)
+        self._live = _LiveCollector()
         r.register(self._live)
 
     def watch(self, engine_stats: Callable[[], EngineStats | None],
@@ -94,7 +95,7 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-class TokenGapHistogram:
+class TokenGapHistogram(Collector):
     """A histogram for the event loop alone (no lock): per observation a bisect and two additions."""
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
@@ -107,23 +108,21 @@ class TokenGapHistogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += times
         self.sum += value * times
 
-    def metric(self) -> HistogramMetricFamily:
+    def collect(self) -> Iterator[Metric]:
         cumulative, buckets = 0, []
         for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
-        return HistogramMetricFamily("streampage:inter_token_latency_seconds", "Time between tokens of one choice.",
-                                     buckets=buckets, sum_value=self.sum)
+        yield HistogramMetricFamily("streampage:inter_token_latency_seconds", "Time between tokens of one choice.",
+                                    buckets=buckets, sum_value=self.sum)
 
 
 class _LiveCollector(Collector):
-    def __init__(self, token_gaps: TokenGapHistogram) -> None:
+    def __init__(self) -> None:
         self.engine_stats: Callable[[], EngineStats | None] = lambda: None
         self.server_gauges: Callable[[], dict[str, float]] = dict
-        self.token_gaps = token_gaps
 
     def collect(self) -> Iterator[Metric]:
-        yield self.token_gaps.metric()
         values = self.server_gauges()
         for name, help_text in _SERVER_GAUGES:
             if name in values:
