@@ -12,21 +12,9 @@ RATES=${RATES:-10,20,40,60,80,120,inf}; PROMPTS=${PROMPTS:-400}
 HF_RATES=${HF_RATES:-0.5,1,2}; HF_PROMPTS=${HF_PROMPTS:-24}
 WORKLOAD=(${WORKLOAD:---workload sharegpt} --seed 0 --vocab-limit 1000)
 python3 scripts/hf_checkpoint.py $SHAPE $CKPT
-wait_ready() {  # URL: poll until it answers 200 (at most 5 minutes)
-  python3 - "$1" <<'PY'
-import sys, time, urllib.request
-for _ in range(600):
-    try:
-        urllib.request.urlopen(sys.argv[1], timeout=1)
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.5)
-sys.exit(1)
-PY
-}
 python3 -m streampage.cli serve $CKPT --port 8765 > "$OUT_DIR/streampage_server.log" 2>&1 &
 SERVER=$!
-wait_ready http://127.0.0.1:8765/readyz
+python3 scripts/wait_ready.py http://127.0.0.1:8765/readyz
 python3 -m loadtest --port 8765 "${WORKLOAD[@]}" --token-salt 1000 --num-prompts 64 --max-concurrency 64 --no-progress > /dev/null 2>&1
 python3 -m loadtest --port 8765 "${WORKLOAD[@]}" --request-rate $RATES --num-prompts $PROMPTS --connections 8 \
     --goodput ttft:500 tpot:50 --no-progress --output "$OUT_DIR/streampage.json" --plot-dir "$OUT_DIR/plots" \
@@ -36,7 +24,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/hfsite .whl/hfserve
 PYTHONPATH=$PYTHONPATH:/tmp/hfsite python3 -m transformers.cli.transformers serve --continuous-batching \
     --port 8000 --dtype bfloat16 --log-level warning > "$OUT_DIR/hf_server.log" 2>&1 &
 HF=$!
-wait_ready http://127.0.0.1:8000/health
+python3 scripts/wait_ready.py http://127.0.0.1:8000/health
 python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" --token-salt 1000 --num-prompts 1 \
     --max-concurrency 1 --no-progress > /dev/null 2>&1   # loads the model, warms up
 python3 -m loadtest --backend openai --port 8000 --model $CKPT --prompt-tokenizer $CKPT --no-ignore-eos "${WORKLOAD[@]}" \

@@ -8,15 +8,7 @@ DIR=$(python3 -c "from streampage.bench.workloads import resolve_model; print(re
 python3 -m streampage.cli serve "$DIR" --port $PORT --max-queued-requests 2048 --max-requests-per-connection 1024 \
     --max-queued-prompt-tokens 10000000 > "$OUT_DIR/server.log" 2>&1 &
 SERVER=$!
-python3 - $PORT <<'PY'
-import sys, time, urllib.request
-for _ in range(480):
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/readyz", timeout=1)
-        break
-    except OSError:
-        time.sleep(0.25)
-PY
+python3 scripts/wait_ready.py http://127.0.0.1:$PORT/readyz 120
 python3 -m loadtest --port $PORT --num-prompts 64 --max-concurrency 64 --input-len $IN --output-len 32 --token-salt 1000 \
     --vocab-limit 1000 --no-progress > /dev/null 2>&1   # warm-up: compiles every kernel variant
 python3 -m loadtest --port $PORT --num-prompts $PROMPTS --max-concurrency $CONC --input-len $IN --output-len $OUTLEN \
