@@ -92,8 +92,14 @@ class KVCacheManager:
                 return self.blocks_for(num_new_tokens)
             revived = sum(1 for b in hit.blocks if self.gpu.ref_counts[b] == 0)
             return revived + self.blocks_for(hit.num_blocks * self.block_size + num_new_tokens) - hit.num_blocks
+        return self._blocks_to_grow(seq, table, num_new_tokens, self.gpu.ref_counts)
+
+    def _blocks_to_grow(self, seq: Sequence, table: list[int], num_new_tokens: int, ref_counts: list[int]) -> int:
+        """Blocks an existing table takes for the next `num_new_tokens`: those the tokens open, plus a
+        copy-on-write block when the block about to be written is shared (by `ref_counts`: the GPU
+        pool's, or the CPU pool's for a table swapped out)."""
         need = max(0, self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table))
-        return need + (1 if self._write_block_is_shared(seq, table) else 0)
+        return need + (1 if self._write_block_is_shared(seq, table, ref_counts) else 0)
 
     def can_allocate(self, num_blocks: int, keep_watermark: bool) -> bool:
         reserve = self.watermark_blocks if keep_watermark else 0
@@ -117,7 +123,7 @@ class KVCacheManager:
                 table.extend(hit.blocks)
                 chain.extend(hit.content_ids)
                 seq.num_computed_tokens = hit.num_blocks * self.block_size
-        elif self._write_block_is_shared(seq, table):
+        elif self._write_block_is_shared(seq, table, self.gpu.ref_counts):
             index = seq.num_computed_tokens // self.block_size
             src = table[index]
             dst = self.gpu.allocate()
@@ -128,9 +134,9 @@ class KVCacheManager:
         for _ in range(self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table)):
             table.append(self.gpu.allocate())
 
-    def _write_block_is_shared(self, seq: Sequence, table: list[int]) -> bool:
+    def _write_block_is_shared(self, seq: Sequence, table: list[int], ref_counts: list[int]) -> bool:
         index = seq.num_computed_tokens // self.block_size
-        return index < len(table) and self.gpu.ref_counts[table[index]] > 1
+        return index < len(table) and ref_counts[table[index]] > 1
 
     def commit_computed(self, seq: Sequence) -> None:
         """Register the sequence's blocks that are now full and computed in the prefix cache."""
@@ -173,14 +179,9 @@ class KVCacheManager:
         """GPU blocks swapped-out sequences need to come back and run their next rows (sequence,
         tokens): the shared blocks once, plus the blocks each row's new tokens open, plus one
         copy-on-write block per row that writes into a block it shares."""
-        need = self.num_blocks_to_swap(seqs)
-        for seq, num_new_tokens in rows:
-            table = self.block_tables[seq.seq_id]
-            need += max(0, self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table))
-            index = seq.num_computed_tokens // self.block_size
-            if index < len(table) and self.cpu.ref_counts[table[index]] > 1:
-                need += 1
-        return need
+        ref_counts = self.cpu.ref_counts  # the tables name CPU blocks while swapped out
+        return self.num_blocks_to_swap(seqs) + sum(
+            self._blocks_to_grow(seq, self.block_tables[seq.seq_id], n, ref_counts) for seq, n in rows)
 
     def swap_out(self, seqs: list[Sequence]) -> list[BlockPair]:
         """Move the sequences' blocks to CPU swap space, keeping sharing between them.
