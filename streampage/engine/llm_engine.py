@@ -57,6 +57,13 @@ class RequestDelta:
     first_token_time: float | None = None
 
 
+def _shutdown(executor: Executor) -> None:
+    """Stop an executor's processes, if it has any (tensor parallelism)."""
+    shutdown = getattr(executor, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+
+
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, executor: Executor, *, num_gpu_blocks: int, num_cpu_blocks: int,
@@ -103,8 +110,7 @@ class LLMEngine:
                          max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids,
                          vocab_size=info.vocab_size)
         except Exception:
-            if isinstance(executor, TensorParallelExecutor):
-                executor.shutdown()
+            _shutdown(executor)
             raise
         freeze_long_lived_objects()
         return engine, info
@@ -113,9 +119,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Release what the executor holds outside this process; idempotent."""
-        shutdown = getattr(self.executor, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        _shutdown(self.executor)
 
     def check_health(self) -> None:
         """Raise if the executor can no longer run steps (a tensor-parallel rank died or hung)."""
