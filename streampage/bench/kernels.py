@@ -54,11 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time every candidate prefill config at each prefill shape (about a minute)")
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep decode tile configs and split counts, and prefill configs (minutes)")
-    parser.add_argument("--sampler", action="store_true",
-                        help="only the sampler: the fused one-pass kernel against the PyTorch pipeline")
-    parser.add_argument("--gemv", action="store_true",
-                        help="only the skinny linear layers: skinny_linear's default and sweep against F.linear, "
-                             "1-8 rows at Llama 1B / 8B shapes (a few minutes)")
+    only = parser.add_mutually_exclusive_group()  # each replaces the attention runs
+    only.add_argument("--sampler", action="store_true",
+                      help="only the sampler: the fused one-pass kernel against the PyTorch pipeline")
+    only.add_argument("--gemv", action="store_true",
+                      help="only the skinny linear layers: skinny_linear's default and sweep against F.linear, "
+                           "1-8 rows at Llama 1B / 8B shapes (a few minutes)")
 
 
 def run(args: argparse.Namespace) -> int:
