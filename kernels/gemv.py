@@ -114,7 +114,7 @@ def _skinny_linear_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False, SILU_MUL: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -134,7 +134,7 @@ def _skinny_linear_kernel(
         # written); x, that kernel's output, is read after the wait. Every split has a first tile.
         w = _load_w(w_ptrs, k_start, K, offs_k, EVEN_K)
         wait_for_previous_kernel(PDL)
-        x = _load_x(x_ptrs, k_start, K, offs_k, row_ok, K * stride_xk, EVEN_K, SILU_MUL)
+        x = _load_x(x_ptrs, k_start, K, offs_k, row_ok, EVEN_K)
         acc = _multiply(acc, x, w, DOT, DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
@@ -143,7 +143,7 @@ def _skinny_linear_kernel(
     # pipeline only loads that feed a tl.dot, i.e. not the FMA path's).
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         w = _load_w(w_ptrs, k, K, offs_k, EVEN_K)
-        x = _load_x(x_ptrs, k, K, offs_k, row_ok, K * stride_xk, EVEN_K, SILU_MUL)
+        x = _load_x(x_ptrs, k, K, offs_k, row_ok, EVEN_K)
         acc = _multiply(acc, x, w, DOT, DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
@@ -173,20 +173,10 @@ def _load_w(ptrs, k, K, offs_k, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_x(ptrs, k, K, offs_k, row_ok, up_offset, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
-    """An x tile [M_PAD, BLOCK_K] at column k; rows past M read zeros. With SILU_MUL, x is the merged
-    [gate | up] projection (the up half starts up_offset elements after the gate half) and the tile is
-    silu(gate) * up, rounded as `kernels.silu_and_mul` rounds it (silu to the activation dtype before
-    the product), so the result equals that kernel followed by the GEMV."""
-    in_k = (k + offs_k)[None, :] < K
-    mask = row_ok if EVEN_K else row_ok & in_k
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    if SILU_MUL:
-        gate = x.to(tl.float32)
-        up = tl.load(ptrs + up_offset, mask=mask, other=0.0).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32)
-        x = (act * up).to(x.dtype)
-    return x
+def _load_x(ptrs, k, K, offs_k, row_ok, EVEN_K: tl.constexpr):
+    """An x tile [M_PAD, BLOCK_K] at column k; rows past M read zeros."""
+    mask = row_ok if EVEN_K else row_ok & ((k + offs_k)[None, :] < K)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -208,18 +198,13 @@ def _store_rows(acc, bias_ptr, y_ptr, offs_m, offs_n, N, stride_b, stride_ym, ou
 
 def skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: GemvConfig | None = None,
-    silu_and_mul: bool = False,
 ) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 8, in x's dtype. With
-    `silu_and_mul`, x is the merged gate/up projection [M, 2K] and y = silu_and_mul(x) @ weight^T (+ bias):
-    the MLP's activation read inside the down projection, one kernel fewer per layer.
+    """y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 8, in x's dtype.
 
     x may be any strided view (rows of a larger buffer, an offset start); weight and bias any strides.
     `config` defaults to `GemvConfig.default` for the shape and device."""
-    width = 2 * weight.shape[1] if silu_and_mul else weight.shape[1] if weight.dim() == 2 else -1
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != width:
-        what = "x [M, 2K] (gate | up)" if silu_and_mul else "x [M, K]"
-        raise ValueError(f"skinny_linear wants {what} and weight [N, K], got {tuple(x.shape)} and "
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"skinny_linear wants x [M, K] and weight [N, K], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     M, K = x.shape[0], weight.shape[1]
     N = weight.shape[0]
@@ -247,7 +232,7 @@ def skinny_linear(
         y.stride(0),
         M_PAD=16 if cfg.dot else triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages, SPLIT=split_k > 1, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=bias is not None,
-        DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), SILU_MUL=silu_and_mul, num_warps=cfg.num_warps,
+        DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
         **launch_options(x.device),
     )
     return y

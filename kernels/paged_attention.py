@@ -100,7 +100,8 @@ class DecodeWorkspace:
         )
 
 
-# A split must cover at least this many tokens to pay for its share of the merge.
+# A split must cover at least this many tokens to pay for its share of the merge, unless the GPU has
+# SMs to spare (`min_split_tokens`).
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
 # Programs per SM that keep HBM busy (each holds one or two 32 KB K+V tiles in flight).
@@ -138,6 +139,15 @@ def graph_split_plan(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
     splits, so short ones cost no merge."""
     programs = max(num_seqs * num_kv_heads, 1)
     return max(1, min(GRAPH_PROGRAMS_PER_SM * num_sms // programs, MAX_SPLITS))
+
+
+def min_split_tokens(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """The shortest split paged_decode cuts a sequence into by default. MIN_SPLIT_TOKENS while the
+    (seq, KV head) programs fill at least half the SMs; below that (decode batches of 1-8 at 8 KV
+    heads) one tile: the extra splits run on SMs that would idle, so a short context costs one tile's
+    latency and the merge instead of its tiles one after another (H200, batch 1 at 128-256 tokens:
+    6-9 us per layer for 2-4 tiles in one program)."""
+    return MIN_SPLIT_TOKENS if 2 * num_seqs * num_kv_heads >= num_sms else 1
 
 
 @functools.cache
@@ -337,7 +347,7 @@ def paged_decode(
     context_lens: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
     num_splits: int | None = None, max_context_len: int | None = None,
     workspace: DecodeWorkspace | None = None, config: DecodeConfig | None = None,
-    min_split_len: int = MIN_SPLIT_TOKENS,
+    min_split_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence (q: [num_seqs, q_heads, head_dim]) over its paged KV.
 
@@ -345,9 +355,10 @@ def paged_decode(
     max_context_len (default: the block table's capacity, a bound fixed by its shape). For CUDA graph
     capture pass a fixed num_splits (or max_context_len) and a `workspace` allocated beforehand.
 
-    Each sequence is cut into at most num_splits equal splits of at least min_split_len tokens: in
-    a batch of mixed lengths (a graph sized by `graph_split_plan`) long sequences use every split
-    and short ones fewer, down to one, which writes its output without the merge.
+    Each sequence is cut into at most num_splits equal splits of at least min_split_len tokens
+    (default `min_split_tokens`; whole tiles either way): in a batch of mixed lengths (a graph sized by
+    `graph_split_plan`) long sequences use every split and short ones fewer, down to one, which
+    writes its output without the merge.
     """
     group, group_pad, head_dim = _check(q, k_cache, v_cache)
     num_seqs, num_q_heads = q.shape[0], q.shape[1]
@@ -359,6 +370,8 @@ def paged_decode(
     if num_splits is None:
         bound = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
         num_splits = decode_split_plan(num_seqs, num_kv_heads, bound, num_sms(q.device))
+    if min_split_len is None:
+        min_split_len = min_split_tokens(num_seqs, num_kv_heads, num_sms(q.device))
     programs = num_kv_heads * num_seqs * num_splits
     cfg = config or DecodeConfig.default(head_dim, programs / num_sms(q.device))
     if num_splits > 1:

@@ -2,8 +2,12 @@
 spent in kernels (a gap means the GPU waited for the host), the top kernels, and the host calls
 that took longest (a long cudaStreamSynchronize or cudaMemcpy means the host waited for the GPU).
 
-    python3 scripts/profile_decode.py MODEL_OR_SHAPE BATCH [BATCH...] [ENGINE OPTIONS, e.g.
-        --no-async-scheduling --decode-gemv --programmatic-launch]
+    python3 scripts/profile_decode.py MODEL_OR_SHAPE BATCH [BATCH...] [--timeline N] [ENGINE OPTIONS,
+        e.g. --no-async-scheduling --decode-gemv --programmatic-launch]
+
+`--timeline N` also prints N consecutive kernels of the last profiled step in launch order, each with
+its duration and the idle gap before it (negative: it overlapped the previous one, as PDL allows):
+where a layer's time goes kernel by kernel, launch gaps included.
 """
 
 import argparse
@@ -25,6 +29,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("batches", type=int, nargs="+")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--timeline", type=int, default=0, metavar="N", help="print N kernels in order")
     add_engine_arguments(parser, skip=("model",))  # every engine option, e.g. --no-async-scheduling
     args = parser.parse_args()
     options = {"max_num_seqs": max(args.batches), "max_model_len": 4096, **engine_options(args, skip=("model",))}
@@ -48,8 +53,22 @@ def main() -> None:
               f"(async scheduling {args.async_scheduling}) ===")
         print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+        if args.timeline:
+            print_timeline(kernels, args.timeline)
         while engine.has_unfinished_requests():
             engine.step()
+
+
+def print_timeline(kernels: list, count: int) -> None:
+    """`count` kernels from the middle of the last step (a few layers in, past the embedding)."""
+    kernels = sorted(kernels, key=lambda e: e.time_range.start)
+    per_step = len(kernels) // STEPS
+    first = len(kernels) - per_step + per_step // 3
+    count = min(count, len(kernels) - first)
+    print(f"{'kernel':<64}{'us':>8}{'gap us':>8}")
+    for prev, event in zip(kernels[first - 1:first + count - 1], kernels[first:first + count], strict=True):
+        gap = event.time_range.start - prev.time_range.end
+        print(f"{event.name[:63]:<64}{event.time_range.elapsed_us():>8.1f}{gap:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def ptx(fn, pointers: dict[str, str], constexprs: dict, **options) -> str:
 GEMV_ARGS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "partial_ptr": "*fp32",
              "counter_ptr": "*i32"}
 GEMV_CONSTS = {"M_PAD": 16, "BLOCK_N": 64, "BLOCK_K": 128, "NUM_STAGES": 4, "SPLIT": True, "EVEN_K": True,
-               "HAS_BIAS": False, "DOT": True, "DOT_PRECISION": "tf32", "SILU_MUL": False}
+               "HAS_BIAS": False, "DOT": True, "DOT_PRECISION": "tf32"}
 DECODE_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")},
                "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "part_out_ptr": "*fp32",
                "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "qk_scale": "fp32"}
@@ -45,8 +45,6 @@ ROTARY_CONSTS = {"NUM_Q_HEADS": 32, "Q_HEADS_PAD": 32, "NUM_KV_HEADS": 8, "KV_HE
                  "HALF_PAD": 64, "BLOCK_SIZE": 16, "HAS_NORM": True}
 KERNELS = {
     "gemv": (gemv._skinny_linear_kernel, GEMV_ARGS, GEMV_CONSTS, {"num_warps": 4}),
-    "gemv-silu": (gemv._skinny_linear_kernel, GEMV_ARGS, {**GEMV_CONSTS, "SILU_MUL": True, "EVEN_K": False},
-                  {"num_warps": 4}),
     "decode-split": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_CONSTS, {"num_warps": 4, "num_stages": 3}),
     "rms-norm": (fused_ops._rms_norm_kernel,
                  {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},

@@ -63,7 +63,7 @@ def test_cuda_graphs_and_eager_steps_give_the_same_tokens(checkpoint):
 def test_programmatic_launch_gives_the_same_tokens(checkpoint):
     """PDL changes when the decode kernels start, never what they compute (a kernel reading its input
     before the previous one finished would)."""
-    assert greedy_tokens(checkpoint, programmatic_launch=True) == greedy_tokens(checkpoint)
+    assert greedy_tokens(checkpoint, programmatic_launch=False) == greedy_tokens(checkpoint, programmatic_launch=True)
 
 
 def test_bf16_decode_through_the_gemv_with_programmatic_launch_runs_to_the_end(checkpoint):

@@ -29,6 +29,7 @@ from streampage.kernels.paged_attention import (
     PrefillConfig,
     decode_split_plan,
     graph_split_plan,
+    min_split_tokens,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,6 +185,14 @@ def test_graph_split_plan() -> None:
     assert graph_split_plan(16, 8, 132) == 16
     assert graph_split_plan(1, 8, 132) == MAX_SPLITS
     assert graph_split_plan(1024, 8, 132) == 1
+
+
+def test_min_split_tokens_drops_to_one_tile_only_while_sms_would_idle() -> None:
+    assert min_split_tokens(1, 8, 132) == 1  # 8 programs: split short contexts tile by tile
+    assert min_split_tokens(8, 8, 132) == 1
+    assert min_split_tokens(9, 8, 132) == MIN_SPLIT_TOKENS  # 72 programs fill half the SMs
+    assert min_split_tokens(256, 8, 132) == MIN_SPLIT_TOKENS
+    assert min_split_tokens(1, 8, 1) == MIN_SPLIT_TOKENS  # the CPU interpreter: one "SM"
 
 
 def test_decode_default_plan_and_strided_query() -> None:

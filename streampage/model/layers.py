@@ -52,17 +52,13 @@ def configure_decode_kernels(*, programmatic_launch: bool, decode_gemv: bool) ->
     pdl.enable(programmatic_launch)
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_and_mul_input: bool = False
-) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or `kernels.skinny_linear` for a 16-bit decode batch of at most GEMV_MAX_ROWS rows when
-    the GEMV is on (it streams the weight once whatever the rows; cuBLAS is latency-bound there). With
-    `silu_and_mul_input`, x is the merged gate/up projection and `silu_and_mul(x)` is the input: the
-    GEMV computes it as it reads x, a kernel fewer."""
+    the GEMV is on (it streams the weight once whatever the rows; cuBLAS is latency-bound there)."""
     if (_decode_gemv and use_triton(x) and x.dtype in (torch.float16, torch.bfloat16)
             and 1 <= x.shape[0] <= kernels.GEMV_MAX_ROWS):
-        return kernels.skinny_linear(x, weight, bias, silu_and_mul=silu_and_mul_input)
-    return F.linear(silu_and_mul(x) if silu_and_mul_input else x, weight, bias)
+        return kernels.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -180,11 +176,10 @@ class RowParallelLinear(nn.Module):
         size = param.shape[1]
         _copy_into(param.data, loaded.narrow(1, tp_rank() * size, size))
 
-    def forward(self, x: torch.Tensor, *, silu_and_mul_input: bool = False) -> torch.Tensor:
-        """`silu_and_mul_input`: x is the merged gate/up projection, activated on the way in (`linear`)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
-            return linear(x, self.weight, self.bias, silu_and_mul_input=silu_and_mul_input)
-        y = tp_all_reduce(linear(x, self.weight, silu_and_mul_input=silu_and_mul_input))
+            return linear(x, self.weight, self.bias)
+        y = tp_all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 

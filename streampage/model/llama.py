@@ -24,6 +24,7 @@ from streampage.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    silu_and_mul,
 )
 
 # Hugging Face architecture name -> family (the model_type of its config).
@@ -184,8 +185,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # silu(gate) * up is the down projection's input (`layers.linear` computes it there or before).
-        return self.down_proj(self.gate_up_proj(x), silu_and_mul_input=True)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
