@@ -10,6 +10,7 @@ from streampage.bench.workloads import (
     NANO_VLLM_OUTPUT_TOKENS,
     Workload,
     fixed_workload,
+    max_token_id,
     nano_vllm_workload,
     resolve_model,
     same_lengths_new_tokens,
@@ -30,24 +31,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser, skip=("model",))
 
 
-def make_workload(args: argparse.Namespace) -> Workload:
+def make_workload(args: argparse.Namespace, token_limit: int) -> Workload:
     if args.workload == "nano-vllm":
-        workload = nano_vllm_workload(args.num_prompts)
+        workload = nano_vllm_workload(args.num_prompts, max_token_id=token_limit)
         if args.num_prompts == 256:
             assert workload.num_output_tokens == NANO_VLLM_OUTPUT_TOKENS, "the nano-vllm workload drifted"
         return workload
-    return fixed_workload(args.num_prompts, args.input_len, args.output_len)
+    return fixed_workload(args.num_prompts, args.input_len, args.output_len, max_token_id=token_limit)
 
 
-def run_streampage(model: str, workload: Workload, temperature: float, options: dict) -> dict:
+def run_streampage(model: str, workload: Workload, temperature: float, options: dict, token_limit: int) -> dict:
     from streampage.llm import LLM
 
     llm = LLM(model, **options)
     # Warm-up on prompts shaped like the workload's last 32: every kernel variant the run needs
     # (chunked and mixed prefill, decode buckets) compiles here, not inside the timed run. Their tokens
     # are new, so the timed prompts find nothing of theirs in the prefix cache.
-    warm = [SamplingParams(max_tokens=24, temperature=temperature, ignore_eos=True)] * 32
-    llm.generate(same_lengths_new_tokens(workload.prompts[-32:], seed=1), warm, use_tqdm=False)
+    warm_prompts = same_lengths_new_tokens(workload.prompts[-32:], seed=1, max_token_id=token_limit)
+    warm = SamplingParams(max_tokens=24, temperature=temperature, ignore_eos=True)
+    llm.generate(warm_prompts, warm, use_tqdm=False)
     llm.engine.timing.update(dict.fromkeys(llm.engine.timing, 0.0))
     runner = getattr(llm.engine.executor, "runner", None)
     if runner is not None:
@@ -71,22 +73,35 @@ def run_streampage(model: str, workload: Workload, temperature: float, options: 
 
 def run(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
-    workload = make_workload(args)
-    results = [run_streampage(model, workload, args.temperature, engine_options(args, skip=("model",)))]
+    token_limit = max_token_id(model)
+    workload = make_workload(args, token_limit)
+    options = engine_options(args, skip=("model",))
+    results = [run_streampage(model, workload, args.temperature, options, token_limit)]
+    # streampage's figures are printed and saved before HF starts: HF's run takes minutes, and a run
+    # cut short there must still report what it measured.
+    print(f"\nworkload {workload.name}: {len(workload.prompts)} prompts, {workload.num_output_tokens} output tokens")
+    print(f"{'system':<28}{'seconds':>10}{'output tok/s':>15}{'req/s':>9}")
+    print_result(results[0])
+    phases = results[0]["ms_per_step"]
+    print("streampage host ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
+          + " (execute = prepare + launch + sample; gpu_wait is inside sample)", flush=True)
+    save_results(args, workload, results)
     if args.compare == "hf":
         from streampage.bench.hf_baselines import hf_continuous_batching
 
         results.append(hf_continuous_batching(model, workload, args.temperature))
-    print(f"\nworkload {workload.name}: {len(workload.prompts)} prompts, {workload.num_output_tokens} output tokens")
-    print(f"{'system':<28}{'seconds':>10}{'output tok/s':>15}{'req/s':>9}")
-    for r in results:
-        print(f"{r['system']:<28}{r['seconds']:>10.2f}{r['output_tok_s']:>15.0f}{r['requests_s']:>9.2f}")
-    phases = results[0]["ms_per_step"]
-    print("streampage host ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
-          + " (execute = prepare + launch + sample; gpu_wait is inside sample)")
-    if len(results) > 1:
+        print_result(results[1])
         print(f"streampage / {results[1]['system']}: {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
+        save_results(args, workload, results)
+    return 0
+
+
+def print_result(result: dict) -> None:
+    print(f"{result['system']:<28}{result['seconds']:>10.2f}{result['output_tok_s']:>15.0f}"
+          f"{result['requests_s']:>9.2f}", flush=True)
+
+
+def save_results(args: argparse.Namespace, workload: Workload, results: list[dict]) -> None:
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"model": args.model, "workload": workload.name, "results": results}, f, indent=2)
-    return 0
