@@ -1,24 +1,20 @@
 #!/usr/bin/env bash
-# The next single-GPU call (about 8 minutes; then gpu_next_throughput.sh and gpu_next_loadtest.sh): the GPU tests touched since the last run (one-launch
-# split-KV decode, shared arrival counters, bf16 logits, PDL and the decode GEMV), then batch-1 and
-# batch-8 latency with the decode options off and on (issue 5). Then, as a second call,
-# scripts/gpu_next_throughput.sh. On nvidia-h200-x2, run scripts/gpu_tp.sh first (issue 9).
+# The next session's single-GPU call (about 8 minutes; on nvidia-h200-x2 run scripts/gpu_tp.sh first,
+# issue 9). Prints a short table; logs go into one archive (a call returns at most 8 files).
+#   1. decode probe: mixed lengths, rows longest first, one-tile splits at batch 1-8, paging cost by
+#      decode config at B32/8k and B16/4k (issues 4, 5);
+#   2. the nano-vllm workload at 16,384 batched tokens per step (vLLM's offline default on 80 GB GPUs),
+#      then at the default 8,192 with HF continuous batching in the same run (issue 5's bar).
 set -u
 mkdir -p $OUT/next
+S=$OUT/summary.txt
 . scripts/gpu_setup.sh > $OUT/next/setup.log 2>&1
-timeout 200 python3 -m pytest -q -x -m gpu tests/test_kernels_gpu.py tests/test_gpu_engine.py \
-    tests/test_cuda_graph_inputs.py tests/test_fused_ops.py tests/test_gemv.py -k "not sweep_candidates" \
-    > $OUT/next/gpu_tests.log 2>&1
-tail -1 $OUT/next/gpu_tests.log
-run_latency() {  # model, label, options...
-  local model=$1 label=$2; shift 2
-  timeout 100 python3 -m streampage.cli bench latency --model $model --batch-sizes 1,8 "$@" \
-      --output $OUT/next/latency_${model}_$label.json > $OUT/next/latency_${model}_$label.log 2>&1
-  echo "== $model $label"; grep -A3 "weight-read floor" $OUT/next/latency_${model}_$label.log
-}
-run_latency llama3.2-1b cublas
-run_latency llama3.2-1b gemv --decode-gemv
-run_latency llama3.2-1b gemv_pdl --decode-gemv --programmatic-launch
-run_latency llama3-8b cublas
-run_latency llama3-8b gemv_pdl --decode-gemv --programmatic-launch
+timeout 200 python3 scripts/probe_mixed_decode.py > $OUT/next/probe.log 2>&1
+tail -75 $OUT/next/probe.log | tee -a $S
+timeout 90 python3 -m streampage.cli bench throughput --model qwen3-0.6b --max-num-batched-tokens 16384 \
+    --output $OUT/next/throughput_16384.json > $OUT/next/throughput_16384.log 2>&1
+{ echo "== max_num_batched_tokens 16384"; grep -A3 "^workload" $OUT/next/throughput_16384.log; } | tee -a $S
+timeout 300 python3 -m streampage.cli bench throughput --model qwen3-0.6b --compare hf \
+    --output $OUT/next/throughput_hf.json > $OUT/next/throughput_hf.log 2>&1
+{ echo "== with HF"; grep -v "WARNING\|capturing\|loading" $OUT/next/throughput_hf.log | tail -6; } | tee -a $S
 (cd $OUT && tar czf next.tgz next && rm -rf next)
