@@ -5,6 +5,11 @@ that took longest (a long cudaStreamSynchronize or cudaMemcpy means the host wai
     python3 scripts/profile_decode.py MODEL_OR_SHAPE BATCH [BATCH...] [--timeline N] [ENGINE OPTIONS,
         e.g. --no-async-scheduling --decode-gemv --programmatic-launch]
 
+`--mixed N` adds a request with an N-token prompt before every step, so each step prefills one prompt
+beside the decode rows and runs eagerly (no CUDA graph): is such a step bound by the host's launches?
+The wall time per step is taken over steps run without the profiler (which slows the host), the
+kernel time over as many run under it.
+
 `--timeline N` also prints N consecutive kernels of the last profiled step in launch order, each with
 its duration and the idle gap before it (negative: it overlapped the previous one, as PDL allows):
 where a layer's time goes kernel by kernel, launch gaps included.
@@ -16,7 +21,7 @@ import time
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from streampage.bench.workloads import fixed_workload, resolve_model
+from streampage.bench.workloads import fixed_workload, max_token_id, resolve_model
 from streampage.cli import add_engine_arguments, engine_options
 from streampage.llm import LLM
 from streampage.sampling_params import SamplingParams
@@ -30,26 +35,44 @@ def main() -> None:
     parser.add_argument("batches", type=int, nargs="+")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--timeline", type=int, default=0, metavar="N", help="print N kernels in order")
+    parser.add_argument("--mixed", type=int, default=0, metavar="N", help="prefill an N-token prompt every step")
     add_engine_arguments(parser, skip=("model",))  # every engine option, e.g. --no-async-scheduling
     args = parser.parse_args()
-    options = {"max_num_seqs": max(args.batches), "max_model_len": 4096, **engine_options(args, skip=("model",))}
-    llm = LLM(resolve_model(args.model), **options)
+    # Room for the --mixed prompts beside the decode rows (each finishes as soon as it is prefilled).
+    max_seqs = max(args.batches) + (8 if args.mixed else 0)
+    options = {"max_num_seqs": max_seqs, "max_model_len": 4096, **engine_options(args, skip=("model",))}
+    model = resolve_model(args.model)
+    limit = max_token_id(model)
+    llm = LLM(model, **options)
     engine = llm.engine
     params = SamplingParams(max_tokens=64, temperature=args.temperature, ignore_eos=True)
+    # One prompt for every step of the two timed runs of each batch.
+    extra = iter(fixed_workload(2 * STEPS * len(args.batches), max(args.mixed, 1), 1, seed=-1,
+                                max_token_id=limit).prompts)
+    extra_params = SamplingParams(max_tokens=1, temperature=args.temperature, ignore_eos=True)
+
+    def step() -> None:
+        if args.mixed:
+            engine.add_request(f"mixed-{time.perf_counter_ns()}", next(extra), extra_params)
+        engine.step()
+
     for batch in args.batches:
-        for i, prompt in enumerate(fixed_workload(batch, 128, 64, seed=batch).prompts):
+        for i, prompt in enumerate(fixed_workload(batch, 128, 64, seed=batch, max_token_id=limit).prompts):
             engine.add_request(f"p{batch}-{i}", prompt, params)
         for _ in range(8):
             engine.step()
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            step()
+        wall = (time.perf_counter() - start) / STEPS * 1e3
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
             for _ in range(STEPS):
-                engine.step()
-            wall = (time.perf_counter() - start) / STEPS * 1e3
+                step()
         events = prof.key_averages()
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         gpu = sum(e.device_time for e in kernels) / STEPS / 1e3
-        print(f"\n=== batch {batch}: {wall:.3f} ms per step wall, {gpu:.3f} ms of kernels "
+        what = f", a {args.mixed}-token prompt prefilled every step" if args.mixed else ""
+        print(f"\n=== batch {batch}{what}: {wall:.3f} ms per step wall, {gpu:.3f} ms of kernels "
               f"(async scheduling {args.async_scheduling}) ===")
         print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
