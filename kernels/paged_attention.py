@@ -483,24 +483,43 @@ def _prefill_tiles(
 
 
 @triton.jit
+def _tile_owner(query_start_loc_ptr, num_seqs, tile_id, TOKENS: tl.constexpr, SEQS_POW2: tl.constexpr):
+    """The sequence that owns tile `tile_id` of the batch, and the tile's index within it. Tiles are
+    numbered across the batch: sequence i owns cdiv(q_len_i, TOKENS) consecutive tiles (none when its
+    chunk is empty). A tile past the batch's last belongs to sequence num_seqs (nobody's)."""
+    seqs = tl.arange(0, SEQS_POW2)
+    in_batch = seqs < num_seqs
+    starts = tl.load(query_start_loc_ptr + seqs, mask=in_batch, other=0)
+    ends = tl.load(query_start_loc_ptr + seqs + 1, mask=in_batch, other=0)
+    tiles = (ends - starts + TOKENS - 1) // TOKENS
+    through = tl.cumsum(tiles, 0)  # tiles of sequences 0..i
+    seq = tl.sum((through <= tile_id).to(tl.int32), 0)
+    first = tl.sum(tl.where(seqs == seq, through - tiles, 0), 0)
+    return seq, tile_id - first
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
-    qk_scale,
+    qk_scale, num_seqs,
     stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     stride_bt_s, stride_o_t, stride_o_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_DIAG: tl.constexpr, SAME_KV_LAYOUT: tl.constexpr,
-    Q_IN_REGISTERS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q_IN_REGISTERS: tl.constexpr, DOT_PRECISION: tl.constexpr, SEQS_POW2: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
     kv_head = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # late tiles see the most keys: start them first
-    seq = tl.program_id(2)
+    # The grid covers an upper bound of the batch's tiles that depends only on tensor shapes, so a
+    # CUDA graph of a mixed step replays with any split of its tokens into chunks. Numbered from the
+    # end: a sequence's late tiles see the most keys, so they start first.
+    seq, tile = _tile_owner(query_start_loc_ptr, num_seqs, tl.num_programs(1) - 1 - tl.program_id(1),
+                            TOKENS, SEQS_POW2)
+    if seq >= num_seqs:
+        return
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
     tile_token = tile * TOKENS
-    if tile_token >= q_len:
-        return
     context_len = tl.load(context_lens_ptr + seq)
 
     # Row r is query token tile_token + r // GROUP_PAD and query head kv_head * GROUP + r % GROUP_PAD:
@@ -547,14 +566,16 @@ def _prefill_kernel(
 
 def paged_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    query_start_loc: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
+    query_start_loc: torch.Tensor, context_lens: torch.Tensor, scale: float,
     *, out: torch.Tensor | None = None, config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Causal attention for ragged query chunks (q: [num_tokens, q_heads, head_dim]) over the pool.
 
-    Chunk i is rows query_start_loc[i]:query_start_loc[i+1] (at most max_query_len of them), the last
-    positions of a context of context_lens[i] tokens whose K/V are already stored. Serves prefill,
-    chunked prefill, prefix-cache hits and mixed batches (a decode row is a chunk of length 1).
+    Chunk i is rows query_start_loc[i]:query_start_loc[i+1], the last positions of a context of
+    context_lens[i] tokens whose K/V are already stored. Serves prefill, chunked prefill, prefix-cache
+    hits and mixed batches (a decode row is a chunk of length 1). The launch depends only on the
+    tensors' shapes (CUDA-graph safe): rows of q that no chunk covers and sequences with empty chunks
+    (padding) cost a program that exits at once, and such rows of `out` are left as they were.
     """
     group, group_pad, head_dim = _check(q, k_cache, v_cache)
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -563,14 +584,16 @@ def paged_prefill(
     num_seqs = query_start_loc.shape[0] - 1
     if out is None:
         out = torch.empty_like(q)
-    if num_seqs == 0 or max_query_len <= 0:
+    if num_seqs == 0 or q.shape[0] == 0:
         return out
     cfg = config or PrefillConfig.default(head_dim, k_cache.dtype, max_shared_memory(q.device))
     block_m = max(cfg.block_m, group_pad, 16)
-    grid = (num_kv_heads, triton.cdiv(max_query_len, block_m // group_pad), num_seqs)
+    # Sequence i has cdiv(q_len_i, tokens per tile) tiles: at most cdiv(num_tokens, tokens per tile)
+    # plus one partial tile per sequence in all.
+    grid = (num_kv_heads, triton.cdiv(q.shape[0], block_m // group_pad) + num_seqs)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
-        scale * _LOG2E,
+        scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
@@ -578,6 +601,7 @@ def paged_prefill(
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_N_DIAG=min(cfg.block_n, cfg.block_n_diag),
         SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
         Q_IN_REGISTERS=cfg.q_in_registers, DOT_PRECISION=_dot_precision(k_cache.dtype),
+        SEQS_POW2=max(16, triton.next_power_of_2(num_seqs)),  # one compiled variant up to 16 sequences
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out

@@ -39,7 +39,7 @@ def test_demo_model_loads_and_runs(demo_path):
     metadata = AttentionMetadata(
         slot_mapping=torch.arange(5), block_tables=torch.tensor([[1, 0]], dtype=torch.int32),
         context_lens=torch.tensor([5], dtype=torch.int32), query_start_loc=torch.tensor([0, 5], dtype=torch.int32),
-        max_query_len=5, is_decode=False,
+        is_decode=False,
     )
     with torch.no_grad(), forward_context(metadata):
         logits = model.compute_logits(model(torch.tensor([0, 5, 6, 7, 8]), torch.arange(5)))

@@ -187,7 +187,6 @@ def step_metadata(lengths: list[int], new_tokens: list[int]) -> tuple[AttentionM
         context_lens=torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
         query_start_loc=torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32,
                                      device=DEVICE),
-        max_query_len=max(new_tokens),
         is_decode=all(q == 1 for q in new_tokens),
     )
     return metadata, positions.to(DEVICE)

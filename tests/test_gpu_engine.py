@@ -38,7 +38,7 @@ def test_bf16_prefill_logits_stay_within_bf16_tolerance_of_transformers(checkpoi
         block_tables=torch.arange(blocks, dtype=torch.int32, device="cuda")[None],
         context_lens=torch.tensor([n], dtype=torch.int32, device="cuda"),
         query_start_loc=torch.tensor([0, n], dtype=torch.int32, device="cuda"),
-        max_query_len=n, is_decode=False)
+        is_decode=False)
     with forward_context(metadata):
         hidden = loaded.model(torch.tensor(prompt, device="cuda"), torch.arange(n, device="cuda"))
     got = loaded.model.compute_logits(hidden)

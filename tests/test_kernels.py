@@ -53,7 +53,6 @@ class PagedBatch:
     context_lens: torch.Tensor  # [num_seqs] int32
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     q: torch.Tensor  # [num_tokens, q_heads, head_dim]
-    max_query_len: int
 
 
 def build_batch(
@@ -85,7 +84,7 @@ def build_batch(
         k.to(device, dtype), v.to(device, dtype), tables.to(device),
         torch.tensor(context_lens, dtype=torch.int32, device=device),
         torch.tensor(starts, dtype=torch.int32, device=device),
-        q.to(device, dtype), max(query_lens, default=0),
+        q.to(device, dtype),
     )
 
 
@@ -115,7 +114,7 @@ def run_prefill(batch: PagedBatch, **kwargs) -> tuple[torch.Tensor, torch.Tensor
     scale = batch.q.shape[-1] ** -0.5
     args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc,
             batch.context_lens)
-    actual = kernels.paged_prefill(*args, batch.max_query_len, scale, **kwargs)
+    actual = kernels.paged_prefill(*args, scale, **kwargs)
     return actual, reference.paged_prefill(*args, scale)
 
 
@@ -248,6 +247,26 @@ def test_prefill_page_granular_tiles(block_size, block_n, group, block_n_diag) -
                            block_n_diag=block_n_diag)
     actual, expected = run_prefill(batch, config=config)
     assert_matches(actual, expected, TOLERANCE[torch.float32], f"prefill block_size={block_size} {config}")
+
+
+def test_prefill_launch_padded_as_a_cuda_graph_pads_it() -> None:
+    """A mixed-step CUDA graph launches for its token and sequence buckets: q has rows no chunk covers,
+    query_start_loc ends with empty chunks (context 0). The covered rows match the reference and the
+    uncovered rows of `out` are left as they were."""
+    batch = build_batch([30, 50, 12, 45], [1, 9, 12, 1], q_heads=8, kv_heads=2, head_dim=32, block_size=16,
+                        dtype=torch.float32)
+    expected = reference.paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
+                                       batch.query_start_loc, batch.context_lens, 32**-0.5)
+    tokens, pad_tokens, pad_seqs = batch.q.shape[0], 9, 21  # 25 sequences: past one compiled variant (16)
+    q = torch.cat([batch.q, torch.randn(pad_tokens, *batch.q.shape[1:], device=DEVICE)])
+    starts = torch.cat([batch.query_start_loc, torch.full((pad_seqs,), tokens, dtype=torch.int32, device=DEVICE)])
+    lens = torch.cat([batch.context_lens, torch.zeros(pad_seqs, dtype=torch.int32, device=DEVICE)])
+    tables = torch.cat([batch.block_tables, batch.block_tables[:1].expand(pad_seqs, -1)])
+    out = torch.full_like(q, 7.0)
+    kernels.paged_prefill(q, batch.k_cache, batch.v_cache, tables, starts, lens, 32**-0.5, out=out,
+                          config=SMALL_PREFILL)
+    assert_matches(out[:tokens], expected, TOLERANCE[torch.float32], "prefill, padded launch")
+    assert torch.equal(out[tokens:], torch.full_like(out[tokens:], 7.0))
 
 
 def test_prefill_distinct_k_and_v_layouts() -> None:

@@ -177,7 +177,7 @@ def test_pool_past_int32_offsets() -> None:
 
     starts = torch.tensor([0, 100, 101], dtype=torch.int32, device="cuda")
     qp = torch.randn(101, q_heads, head_dim, dtype=dtype, device="cuda")
-    actual = kernels.paged_prefill(qp, k_cache, v_cache, tables, starts, lengths, 100, scale)
+    actual = kernels.paged_prefill(qp, k_cache, v_cache, tables, starts, lengths, scale)
     expected = reference.paged_prefill(qp, k_cache, v_cache, tables, starts, lengths, scale)
     assert_matches(actual, expected, TOLERANCE[dtype], "prefill past 2^31")
     del k_cache, v_cache

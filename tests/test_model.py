@@ -56,7 +56,6 @@ class PagedKV:
             block_tables=torch.tensor(tables, dtype=torch.int32),
             context_lens=torch.tensor([self.lengths[seq] for seq in chunks], dtype=torch.int32),
             query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            max_query_len=max(chunks.values()),
             is_decode=all(count == 1 for count in chunks.values()),
         )
         return metadata, torch.tensor(positions, dtype=torch.int64)
@@ -141,7 +140,6 @@ def test_padding_rows_write_nothing_and_leave_real_rows_alone(tmp_path):
         block_tables=torch.cat([metadata.block_tables, metadata.block_tables]),
         context_lens=torch.cat([metadata.context_lens, torch.tensor([0], dtype=torch.int32)]),
         query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
-        max_query_len=1,
         is_decode=True,
     )
     padded_logits = _decode(model, padded, torch.cat([positions, torch.tensor([0])]), prompt[8], 0)

@@ -33,3 +33,10 @@ def counts() -> dict[str, list[int]]:
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 def test_decode_kernel_compiles_for_hopper_with_the_pdl_contract(counts, name, pdl):
     assert counts[f"{name}/{pdl}"] == [int(pdl), int(pdl)]
+
+
+@pytest.mark.slow
+def test_prefill_kernel_compiles_for_hopper_onto_the_tensor_cores(counts):
+    """The batch-wide tile lookup (a cumulative sum over the sequences) lowers, and the attention
+    products still become warpgroup MMAs."""
+    assert counts["prefill"][0] > 0

@@ -234,7 +234,7 @@ def test_step_messages_round_trip():
         input_ids=np.array([5, -1, 7, 9, -1], dtype=np.int64), positions=rng.integers(0, 99, 5),
         slot_mapping=np.array([3, 17, -1, 40, 41], dtype=np.int64),
         block_tables=rng.integers(0, 50, (3, 7)).astype(np.int32), context_lens=np.array([4, 9, 2], dtype=np.int32),
-        query_start_loc=np.array([0, 2, 3, 5], dtype=np.int32), sample_rows=[0, 2], max_query_len=2,
+        query_start_loc=np.array([0, 2, 3, 5], dtype=np.int32), sample_rows=[0, 2],
         is_decode=False, placeholders=np.array([1, 4]), placeholder_sources=np.array([0, 1]),
     )
     moves = CacheMoves([(1, 2), (3, 4)], [], [(5, 6)])
@@ -244,7 +244,7 @@ def test_step_messages_round_trip():
                  "placeholders"):
         np.testing.assert_array_equal(getattr(got, name), getattr(inputs, name))
         assert getattr(got, name).dtype == getattr(inputs, name).dtype, name
-    assert (got.sample_rows, got.max_query_len, got.is_decode) == ([0, 2], 2, False)
+    assert (got.sample_rows, got.is_decode) == ([0, 2], False)
     assert decode(encode(Kind.STEP, CacheMoves([(8, 0)], [], []), None)) == (Kind.STEP, ([[8, 0]], [], []), None)
     assert decode(encode(Kind.SHUTDOWN)) == (Kind.SHUTDOWN, None, None)
 

@@ -21,7 +21,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
     context_lens: torch.Tensor  # [num_seqs] int32, tokens in cache after this step's write
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    max_query_len: int
     # True when every sequence has exactly one new token: attention uses the decode kernel and
     # query_start_loc is arange(num_seqs + 1).
     is_decode: bool

@@ -360,5 +360,5 @@ class Attention(nn.Module):
             )
         return kernels.paged_prefill(
             q, self.k_cache, self.v_cache, metadata.block_tables, metadata.query_start_loc,
-            metadata.context_lens, max_query_len=metadata.max_query_len, scale=self.scale,
+            metadata.context_lens, scale=self.scale,
         )

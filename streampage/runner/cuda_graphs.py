@@ -72,7 +72,7 @@ class DecodeBuffers:
 
     def metadata(self, bucket: int, decode_splits: int) -> AttentionMetadata:
         return AttentionMetadata(self.token_rows[2, :bucket], self.block_tables[:bucket], self.context_lens[:bucket],
-                                 self.query_start_loc[: bucket + 1], max_query_len=1, is_decode=True,
+                                 self.query_start_loc[: bucket + 1], is_decode=True,
                                  decode_splits=decode_splits)
 
     def load(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,

@@ -126,7 +126,6 @@ class ModelRunner:
             block_tables=_to(inputs.block_tables, device),
             context_lens=_to(inputs.context_lens, device),
             query_start_loc=_to(inputs.query_start_loc, device),
-            max_query_len=inputs.max_query_len,
             is_decode=inputs.is_decode,
         )
         input_ids = _to(inputs.input_ids, device)

@@ -40,7 +40,6 @@ def profile_peak_bytes(loaded: LoadedModel, config: EngineConfig, device: torch.
         block_tables=torch.zeros((num_seqs, width), dtype=torch.int32, device=device),
         context_lens=lens.to(device),
         query_start_loc=query_start_loc.to(device),
-        max_query_len=int(lens.max()),
         is_decode=False,
     )
     torch.cuda.synchronize(device)

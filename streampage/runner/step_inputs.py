@@ -31,7 +31,6 @@ class StepInputs:
     context_lens: np.ndarray  # [B] int32
     query_start_loc: np.ndarray  # [B + 1] int32
     sample_rows: list[int]  # rows whose last token is sampled
-    max_query_len: int
     is_decode: bool
     # Tokens the previous step is still sampling (the engine schedules ahead): their indices in
     # input_ids, and where each one lies in that step's sampled-token tensor on the device.
@@ -88,4 +87,4 @@ class StepInputBuilder:
             sources = np.fromiter((draw_of[seqs[row].seq_id] for row in row_of_token[placeholders].tolist()),
                                   dtype=np.int64, count=len(placeholders))
         return StepInputs(input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc,
-                          sample_rows, int(counts.max()), out.is_decode_only, placeholders, sources)
+                          sample_rows, out.is_decode_only, placeholders, sources)

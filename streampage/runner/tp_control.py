@@ -6,7 +6,7 @@ placeholders, positions, slot mapping, block tables, context lengths, query star
 that sample). Placeholder tokens stay placeholders here: rank 0 broadcasts their values over the
 device group just before the forward, so its host never waits for them.
 
-Layout: an int64 header (kind, max_query_len, is_decode, block-table width, then the element count of
+Layout: an int64 header (kind, is_decode, block-table width, then the element count of
 each array in `_FIELDS` order), followed by each array's bytes, each padded to 8 bytes. Nothing per
 sequence is pickled; building and reading a message is O(step size).
 """
@@ -36,19 +36,19 @@ _FIELDS: tuple[tuple[str, type], ...] = (
     ("context_lens", np.int32), ("query_start_loc", np.int32), ("sample_rows", np.int64),
     ("placeholders", np.int64), ("swap_out", np.int64), ("swap_in", np.int64), ("copy", np.int64),
 )
-_SCALARS = 4  # kind, max_query_len, is_decode, block-table width
+_SCALARS = 3  # kind, is_decode, block-table width
 _HEADER_BYTES = 8 * (_SCALARS + len(_FIELDS))
 
 
 def encode(kind: Kind, moves: CacheMoves | None = None, inputs: StepInputs | None = None) -> np.ndarray:
     """One control message as bytes (uint8)."""
     arrays = [np.empty(0, dtype=dtype) for _, dtype in _FIELDS]
-    scalars = [int(kind), 0, 0, 0]
+    scalars = [int(kind), 0, 0]
     if inputs is not None:
         arrays[:8] = [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
                       inputs.context_lens, inputs.query_start_loc, np.asarray(inputs.sample_rows),
                       inputs.placeholders]
-        scalars[1:] = [inputs.max_query_len, int(inputs.is_decode), inputs.block_tables.shape[1]]
+        scalars[1:] = [int(inputs.is_decode), inputs.block_tables.shape[1]]
     if moves is not None:
         arrays[8:] = [np.asarray(pairs, dtype=np.int64).reshape(-1, 2) for pairs in moves]
     arrays = [np.ascontiguousarray(a, dtype=dtype) for a, (_, dtype) in zip(arrays, _FIELDS, strict=True)]
@@ -69,7 +69,7 @@ def decode(message: np.ndarray) -> tuple[Kind, CacheMoves | None, StepInputs | N
     kind = Kind(int(header[0]))
     if kind is not Kind.STEP:
         return kind, None, None
-    max_query_len, is_decode, width = (int(v) for v in header[1:_SCALARS])
+    is_decode, width = (int(v) for v in header[1:_SCALARS])
     arrays, offset = [], _HEADER_BYTES
     for (_, dtype), count in zip(_FIELDS, header[_SCALARS:].tolist(), strict=True):
         nbytes = count * np.dtype(dtype).itemsize
@@ -81,7 +81,7 @@ def decode(message: np.ndarray) -> tuple[Kind, CacheMoves | None, StepInputs | N
         return kind, moves, None
     # Only rank 0 knows where the placeholders' tokens lie in its last draws: it broadcasts them.
     inputs = StepInputs(ids, positions, slots, tables.reshape(-1, width), lens, starts, sample_rows.tolist(),
-                        max_query_len, bool(is_decode), placeholders, np.empty(0, dtype=np.int64))
+                        bool(is_decode), placeholders, np.empty(0, dtype=np.int64))
     return kind, moves, inputs
 
 
