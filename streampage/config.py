@@ -99,6 +99,10 @@ class ParallelConfig:
             raise ConfigError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
 
 
+# Above a few thousand tokens a mixed step's device time dwarfs its launches: graphs would only cost memory.
+MAX_MIXED_GRAPH_TOKENS = 4096
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     enforce_eager: bool = False  # no CUDA graphs
@@ -109,10 +113,17 @@ class RunnerConfig:
     # no faster than cuBLAS inside the model).
     programmatic_launch: bool = True
     decode_gemv: bool = False
+    # Mixed steps (prompt chunks beside decode rows) of at most this many tokens replay CUDA graphs
+    # (`runner/mixed_graphs.py`) instead of launching every kernel from Python; 0 = eager. Off until
+    # the H200 shows what it pays.
+    mixed_graph_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_graph_batch_size is not None and self.max_graph_batch_size < 1:
             raise ConfigError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
+        if not 0 <= self.mixed_graph_max_tokens <= MAX_MIXED_GRAPH_TOKENS:
+            raise ConfigError(f"mixed_graph_max_tokens must be in [0, {MAX_MIXED_GRAPH_TOKENS}], "
+                              f"got {self.mixed_graph_max_tokens}")
 
 
 @dataclass(frozen=True)

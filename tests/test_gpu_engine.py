@@ -1,5 +1,6 @@
-"""The engine on a CUDA device: bf16 logits against transformers, CUDA graphs against eager steps,
-async scheduling against synchronous steps. Skipped without CUDA; run on the GPU host."""
+"""The engine on a CUDA device: bf16 logits against transformers, CUDA graphs (decode and mixed steps)
+against eager steps, async scheduling against synchronous steps. Skipped without CUDA; run on the GPU
+host."""
 
 from __future__ import annotations
 
@@ -58,6 +59,25 @@ def greedy_tokens(checkpoint, **options) -> list[list[int]]:
 
 def test_cuda_graphs_and_eager_steps_give_the_same_tokens(checkpoint):
     assert greedy_tokens(checkpoint) == greedy_tokens(checkpoint, enforce_eager=True)
+
+
+def test_mixed_steps_replayed_from_cuda_graphs_give_the_eager_tokens(checkpoint, monkeypatch):
+    """A 32-token step budget cuts the prompts into chunks that run beside other requests' decode rows:
+    with mixed-step graphs those steps replay a graph (counted) and every token matches eager steps."""
+    from streampage.runner.mixed_graphs import MixedGraphs
+
+    replays = []
+    real_run = MixedGraphs.run
+
+    def counted(self, input_ids, *args, **kwargs):
+        replays.append(len(input_ids))
+        return real_run(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(MixedGraphs, "run", counted)
+    eager = greedy_tokens(checkpoint, max_num_batched_tokens=32)
+    assert not replays
+    assert greedy_tokens(checkpoint, max_num_batched_tokens=32, mixed_graph_max_tokens=32) == eager
+    assert len(replays) >= 4 and max(replays) <= 32
 
 
 def test_programmatic_launch_gives_the_same_tokens(checkpoint):

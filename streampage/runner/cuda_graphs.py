@@ -120,8 +120,8 @@ class DecodeGraphs:
         self._pinned_free = torch.cuda.Event()
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
+    def capture(self, pool: tuple) -> None:
+        """Every bucket, largest first, into `pool` (a memory pool the runner's graphs share)."""
         free_before = torch.cuda.mem_get_info()[0]
         for bucket in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs", unit="graph"):
             self._forward(bucket)  # compile and load every kernel variant outside the capture

@@ -2,7 +2,8 @@
 
 The scheduler's rows become one token batch on the host (`streampage.runner.step_inputs`); rows that
 reach the end of their tokens are sampled. Decode-only batches may replay a CUDA graph
-(`streampage.runner.cuda_graphs`); everything else runs eagerly.
+(`streampage.runner.cuda_graphs`), and so may mixed steps of few tokens when `mixed_graph_max_tokens`
+is set (`streampage.runner.mixed_graphs`); everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from streampage.model.llama import LlamaForCausalLM
 from streampage.model.sampler import DeviceSample, SamplingMetadata, sample_on_device
 from streampage.runner.cache_engine import BlockPairs, CacheEngine
 from streampage.runner.cuda_graphs import DecodeGraphs
+from streampage.runner.mixed_graphs import MixedGraphs
 from streampage.runner.step_inputs import StepInputBuilder, StepInputs
 from streampage.runner.step_types import RowResult
 
@@ -50,6 +52,7 @@ class ModelRunner:
         self.device = device
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' random streams
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.inputs = StepInputBuilder(block_size, max_blocks_per_seq)
         self._metadata_key: list | None = None  # the rows' requests when the cached metadata was built
         self._metadata: SamplingMetadata | None = None
@@ -58,10 +61,16 @@ class ModelRunner:
         self.timing = dict.fromkeys(("prepare", "launch", "sample", "gpu_wait"), 0.0)
         model.bind_kv_cache(cache.gpu_pool)
 
-    def capture_graphs(self, max_batch: int) -> None:
-        """Record decode steps of up to max_batch sequences as CUDA graphs (CUDA devices only)."""
-        self.graphs = DecodeGraphs(self.model, max_batch, self.inputs.mirror.table.shape[1], self.device)
-        self.graphs.capture()
+    def capture_graphs(self, max_batch: int, mixed_max_tokens: int = 0, max_seqs: int = 0) -> None:
+        """Record decode steps of up to max_batch sequences as CUDA graphs (CUDA devices only), and with
+        mixed_max_tokens, mixed steps of up to that many tokens over up to max_seqs sequences."""
+        pool = torch.cuda.graph_pool_handle()  # one pool for all: no two graphs replay at once
+        width = self.inputs.mirror.table.shape[1]
+        self.graphs = DecodeGraphs(self.model, max_batch, width, self.device)
+        self.graphs.capture(pool)
+        if mixed_max_tokens:
+            self.mixed_graphs = MixedGraphs(self.model, mixed_max_tokens, max_seqs, width, self.device)
+            self.mixed_graphs.capture(pool)
 
     def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
         return self.collect(self.launch(out))
@@ -120,6 +129,12 @@ class ModelRunner:
             # Every decode row samples, so the graph's logits rows are the sampled rows.
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.context_lens,
                                    inputs.block_tables, lambda ids: self._fill_placeholders(ids, inputs))
+        last_tokens = inputs.query_start_loc[1:][inputs.sample_rows].astype(np.int64) - 1
+        mixed = self.mixed_graphs
+        if not inputs.is_decode and mixed is not None and mixed.fits(len(inputs.input_ids), len(inputs.context_lens)):
+            return mixed.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.context_lens,
+                             inputs.query_start_loc, last_tokens, inputs.block_tables,
+                             lambda ids: self._fill_placeholders(ids, inputs))
         device = self.device
         metadata = AttentionMetadata(
             slot_mapping=_to(inputs.slot_mapping, device),
@@ -134,7 +149,6 @@ class ModelRunner:
             hidden = self.model(input_ids, _to(inputs.positions, device))
         if not inputs.sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)
-        last_tokens = inputs.query_start_loc[1:][inputs.sample_rows].astype(np.int64) - 1
         return self.model.compute_logits(hidden[_to(last_tokens, device)])
 
     def _fill_placeholders(self, input_ids: torch.Tensor, inputs: StepInputs) -> None:

@@ -89,8 +89,10 @@ class Worker:
         self.runner = self.runner_type(loaded.model, cache, block_size, list(loaded.shape.eos_token_ids),
                                        self.device, max_blocks_per_seq=-(-max_model_len // block_size))
         if self.device.type == "cuda" and not config.runner.enforce_eager:
-            max_batch = config.runner.max_graph_batch_size or config.scheduler.max_num_seqs
-            self.runner.capture_graphs(min(max_batch, config.scheduler.max_num_seqs))
+            max_seqs = config.scheduler.max_num_seqs
+            max_batch = config.runner.max_graph_batch_size or max_seqs
+            mixed_tokens = min(config.runner.mixed_graph_max_tokens, config.scheduler.max_num_batched_tokens)
+            self.runner.capture_graphs(min(max_batch, max_seqs), mixed_tokens, max_seqs)
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB), swap space %d blocks", num_gpu_blocks, block_size,
                  num_gpu_blocks * per_block / (1 << 30), num_cpu_blocks)
         return WorkerInfo(str(model_dir), loaded.shape, max_model_len, num_gpu_blocks, num_cpu_blocks,

@@ -1,0 +1,91 @@
+"""Mixed-step CUDA graphs (`streampage.runner.mixed_graphs`): how a step is padded to a graph's
+buckets, and that the padded forward a graph records gives the unpadded step's logits. Without CUDA
+the model's Triton path runs through the interpreter (tests/conftest.py); the graphs themselves are
+checked against eager steps on the GPU (tests/test_gpu_engine.py)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import make_checkpoint
+
+from streampage.config import ConfigError, EngineConfig
+from streampage.model import layers
+from streampage.model.forward_context import AttentionMetadata, forward_context
+from streampage.model.loader import load_model
+from streampage.runner.mixed_graphs import MixedBuffers, padded_forward, stage_mixed_rows, token_buckets
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK_SIZE = 16
+
+
+def test_token_buckets_double_up_to_the_limit() -> None:
+    assert token_buckets(512) == [32, 64, 128, 256, 512]
+    assert token_buckets(100) == [32, 64, 100]
+    assert token_buckets(32) == [32]
+    assert token_buckets(8) == [8]
+
+
+def test_mixed_graph_max_tokens_is_bounded() -> None:
+    assert EngineConfig.create(mixed_graph_max_tokens=512).runner.mixed_graph_max_tokens == 512
+    for bad in (-1, 4097):
+        with pytest.raises(ConfigError, match=r"mixed_graph_max_tokens must be in \[0, 4096\]"):
+            EngineConfig.create(mixed_graph_max_tokens=bad)
+
+
+def test_staging_pads_tokens_to_the_bucket_and_sequences_to_every_row() -> None:
+    tokens, seqs = np.full((3, 16), 99), np.full((3, 6), 99)
+    stage_mixed_rows(tokens, seqs, input_ids=np.array([5, 6, 7]), positions=np.array([9, 0, 1]),
+                     slot_mapping=np.array([40, 0, 1]), context_lens=np.array([10, 2]),
+                     query_start_loc=np.array([0, 1, 3]), last_tokens=np.array([0, 2]), bucket=8)
+    np.testing.assert_array_equal(tokens[:, :8], [[5, 6, 7, 0, 0, 0, 0, 0], [9, 0, 1, 0, 0, 0, 0, 0],
+                                                  [40, 0, 1, -1, -1, -1, -1, -1]])
+    assert (tokens[:, 8:] == 99).all()  # past the bucket: the graph never reads it
+    np.testing.assert_array_equal(seqs, [[10, 2, 0, 0, 0, 0],  # padding sequences: context 0
+                                         [0, 1, 3, 3, 3, 3],  # ... and empty chunks after the last token
+                                         [0, 2, 0, 0, 0, 0]])  # unused gathers read token 0
+    # A smaller step after a larger one rewrites every padding field.
+    stage_mixed_rows(tokens, seqs, input_ids=np.array([4]), positions=np.array([3]), slot_mapping=np.array([3]),
+                     context_lens=np.array([4]), query_start_loc=np.array([0, 1]), last_tokens=np.array([0]),
+                     bucket=8)
+    np.testing.assert_array_equal(tokens[2, :8], [3, -1, -1, -1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(seqs[:, :3], [[4, 0, 0], [0, 1, 1], [0, 0, 0]])
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)")
+@torch.inference_mode()
+def test_padded_forward_gives_the_unpadded_steps_logits(tmp_path, monkeypatch) -> None:
+    """Sequence A (9 tokens cached) decodes its 10th while sequence B prefills 7 tokens: the step as a
+    32-token, 5-sequence graph computes it gives the eager step's logits for both sampled rows."""
+    monkeypatch.setattr(layers, "use_triton", lambda x: True)  # the kernels a graph records
+    loaded = load_model(make_checkpoint(tmp_path, "llama"), torch.float32, torch.device(DEVICE), progress=False)
+    model, shape = loaded.model, loaded.shape
+    pool = torch.zeros((shape.num_layers, 2, 4, BLOCK_SIZE, shape.num_kv_heads, shape.head_dim), device=DEVICE)
+    model.bind_kv_cache(pool)
+    tables = np.array([[0, 3], [1, 3]], dtype=np.int32)  # A in block 0, B in block 1
+    prompt_a = torch.arange(3, 12, device=DEVICE)
+    prefill = AttentionMetadata(torch.arange(9, device=DEVICE), torch.tensor(tables[:1], device=DEVICE),
+                                torch.tensor([9], dtype=torch.int32, device=DEVICE),
+                                torch.tensor([0, 9], dtype=torch.int32, device=DEVICE), is_decode=False)
+    with forward_context(prefill):
+        model(prompt_a, torch.arange(9, device=DEVICE))
+
+    ids = np.array([50, 20, 21, 22, 23, 24, 25, 26], dtype=np.int64)
+    positions = np.array([9, 0, 1, 2, 3, 4, 5, 6], dtype=np.int64)
+    slots = np.array([9, 16, 17, 18, 19, 20, 21, 22], dtype=np.int64)
+    lens, starts, last_tokens = np.array([10, 7], np.int32), np.array([0, 1, 8], np.int32), np.array([0, 7])
+    step = AttentionMetadata(torch.tensor(slots, device=DEVICE), torch.tensor(tables, device=DEVICE),
+                             torch.tensor(lens, device=DEVICE), torch.tensor(starts, device=DEVICE), is_decode=False)
+    with forward_context(step):
+        hidden = model(torch.tensor(ids, device=DEVICE), torch.tensor(positions, device=DEVICE))
+    expected = model.compute_logits(hidden[torch.tensor(last_tokens, device=DEVICE)])
+
+    buffers = MixedBuffers.allocate(32, 5, 4, torch.device(DEVICE))
+    buffers.load(ids, positions, slots, lens, starts, last_tokens, tables, bucket=32)
+    padded = padded_forward(model, buffers, 32)
+    assert padded.shape == (5, shape.vocab_size)
+    torch.testing.assert_close(padded[:2], expected, rtol=1e-4, atol=1e-4)
