@@ -17,6 +17,7 @@ from streampage.model import layers
 from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.loader import load_model
 from streampage.runner.mixed_graphs import MixedBuffers, padded_forward, stage_mixed_rows, token_buckets
+from streampage.runner.profiling import mixed_graph_reserve_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_SIZE = 16
@@ -34,6 +35,16 @@ def test_mixed_graph_max_tokens_is_bounded() -> None:
     for bad in (-1, 4097):
         with pytest.raises(ConfigError, match=r"mixed_graph_max_tokens must be in \[0, 4096\]"):
             EngineConfig.create(mixed_graph_max_tokens=bad)
+
+
+def test_the_kv_budget_keeps_back_what_the_mixed_graphs_hold() -> None:
+    """Their largest bucket's share of the profiled step's activations, and their logits rows."""
+    off = EngineConfig.create()
+    assert mixed_graph_reserve_bytes(off, 1 << 30, 1000, 2) == 0
+    on = EngineConfig.create(mixed_graph_max_tokens=512, max_num_batched_tokens=8192, max_num_seqs=256)
+    assert mixed_graph_reserve_bytes(on, 1 << 30, 1000, 2) == (1 << 30) // 16 + 256 * 1000 * 2
+    capped = EngineConfig.create(mixed_graph_max_tokens=4096, max_num_batched_tokens=1024, max_num_seqs=8)
+    assert mixed_graph_reserve_bytes(capped, 1 << 30, 1000, 2) == (1 << 30) + 8 * 1000 * 2
 
 
 def test_staging_pads_tokens_to_the_bucket_and_sequences_to_every_row() -> None:

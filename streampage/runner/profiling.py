@@ -58,11 +58,26 @@ def profile_peak_bytes(loaded: LoadedModel, config: EngineConfig, device: torch.
     return peak
 
 
+def mixed_graph_reserve_bytes(config: EngineConfig, peak_activation_bytes: int, vocab_size: int,
+                              itemsize: int) -> int:
+    """What the mixed-step graphs keep for good in their pool: the activations of their largest bucket
+    (the profiled step's, scaled by its share of the step's tokens) and their [max_num_seqs, vocab]
+    logits."""
+    tokens = min(config.runner.mixed_graph_max_tokens, config.scheduler.max_num_batched_tokens)
+    if not tokens:
+        return 0
+    share = tokens / config.scheduler.max_num_batched_tokens
+    return int(peak_activation_bytes * share) + config.scheduler.max_num_seqs * vocab_size * itemsize
+
+
 def profile_kv_blocks(loaded: LoadedModel, config: EngineConfig, bytes_per_block: int, device: torch.device) -> int:
+    weights = torch.cuda.memory_allocated(device)
     peak = profile_peak_bytes(loaded, config, device)
     free, total = torch.cuda.mem_get_info(device)
     outside_torch = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
-    budget = int(total * config.cache.gpu_memory_utilization) - peak - outside_torch - GRAPH_RESERVE_BYTES
+    graphs = GRAPH_RESERVE_BYTES + mixed_graph_reserve_bytes(config, peak - weights, loaded.shape.vocab_size,
+                                                             loaded.shape.dtype.itemsize)
+    budget = int(total * config.cache.gpu_memory_utilization) - peak - outside_torch - graphs
     blocks = budget // bytes_per_block
     log.info("memory profile: total %.1f GiB, peak torch %.2f GiB, outside torch %.2f GiB -> %d KV blocks",
              total / (1 << 30), peak / (1 << 30), outside_torch / (1 << 30), blocks)
