@@ -11,8 +11,9 @@ SHAPE=${SHAPE:-llama3.2-1b}; CKPT=/tmp/ckpt-$SHAPE
 RATES=${RATES:-10,20,40,60,80,120,inf}; PROMPTS=${PROMPTS:-400}
 HF_RATES=${HF_RATES:-0.5,1,2}; HF_PROMPTS=${HF_PROMPTS:-24}
 WORKLOAD=(${WORKLOAD:---workload sharegpt} --seed 0 --vocab-limit 1000)
+# SERVE_OPTS: extra `streampage serve` options (e.g. --mixed-graph-max-tokens 512); SKIP_HF=1: streampage only.
 python3 scripts/hf_checkpoint.py $SHAPE $CKPT
-python3 -m streampage.cli serve $CKPT --port 8765 > "$OUT_DIR/streampage_server.log" 2>&1 &
+python3 -m streampage.cli serve $CKPT --port 8765 ${SERVE_OPTS:-} > "$OUT_DIR/streampage_server.log" 2>&1 &
 SERVER=$!
 python3 scripts/wait_ready.py http://127.0.0.1:8765/readyz
 python3 -m loadtest --port 8765 "${WORKLOAD[@]}" --token-salt 1000 --num-prompts 64 --max-concurrency 64 --no-progress > /dev/null 2>&1
@@ -20,6 +21,7 @@ python3 -m loadtest --port 8765 "${WORKLOAD[@]}" --request-rate $RATES --num-pro
     --goodput ttft:500 tpot:50 --no-progress --output "$OUT_DIR/streampage.json" --plot-dir "$OUT_DIR/plots" \
     > "$OUT_DIR/streampage.txt" 2>&1
 kill -TERM $SERVER; wait $SERVER
+[ -n "${SKIP_HF:-}" ] && exit 0
 python3 -m pip install -q --no-index --no-deps --target /tmp/hfsite .whl/hfserve/*.whl
 PYTHONPATH=$PYTHONPATH:/tmp/hfsite python3 -m transformers.cli.transformers serve --continuous-batching \
     --port 8000 --dtype bfloat16 --log-level warning > "$OUT_DIR/hf_server.log" 2>&1 &
