@@ -78,17 +78,25 @@ class DecodeBuffers:
     def load(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
              context_lens: np.ndarray, block_tables: np.ndarray, bucket: int) -> None:
         """Copy one step's inputs in; rows past the step up to the bucket are padding."""
-        rows, width = block_tables.shape
         stage_decode_rows(self.host_token_rows.numpy(), self.host_context_lens.numpy(), input_ids, positions,
                           slot_mapping, context_lens, bucket)
-        self.host_block_tables.numpy()[: rows * width] = block_tables.ravel()
         # Whole rows: a contiguous pinned source keeps each copy asynchronous (a strided one is staged
         # through pageable memory, which waits for the device).
         self.token_rows.copy_(self.host_token_rows, non_blocking=True)
         self.context_lens.copy_(self.host_context_lens, non_blocking=True)
-        packed = self.block_tables_packed[: rows * width]
-        packed.copy_(self.host_block_tables[: rows * width], non_blocking=True)
-        self.block_tables[:rows, :width].copy_(packed.view(rows, width))
+        copy_block_tables(block_tables, self.host_block_tables, self.block_tables_packed, self.block_tables)
+
+
+def copy_block_tables(tables: np.ndarray, host: torch.Tensor, packed: torch.Tensor,
+                      device_tables: torch.Tensor) -> None:
+    """The step's [rows, width] tables into the top-left of `device_tables`, through a packed pinned
+    mirror (`host`) and a packed device buffer (`packed`): one asynchronous copy of exactly the step's
+    entries, then a device-side scatter into the wide layout."""
+    rows, width = tables.shape
+    host.numpy()[: rows * width] = tables.ravel()
+    staged = packed[: rows * width]
+    staged.copy_(host[: rows * width], non_blocking=True)
+    device_tables[:rows, :width].copy_(staged.view(rows, width))
 
 
 def stage_decode_rows(tokens: np.ndarray, lens: np.ndarray, input_ids: np.ndarray, positions: np.ndarray,

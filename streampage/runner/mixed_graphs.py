@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.llama import LlamaForCausalLM
+from streampage.runner.cuda_graphs import copy_block_tables
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,10 @@ class MixedBuffers:
         """Copy one step's inputs in: tokens up to the bucket, every one of max_seqs sequence rows."""
         stage_mixed_rows(self.host_token_rows.numpy(), self.host_seq_rows.numpy(), input_ids, positions,
                          slot_mapping, context_lens, query_start_loc, last_tokens, bucket)
-        rows, width = block_tables.shape
-        self.host_block_tables.numpy()[: rows * width] = block_tables.ravel()
         # Whole rows: a strided pinned source would be staged through pageable memory, waiting for the device.
         self.token_rows.copy_(self.host_token_rows, non_blocking=True)
         self.seq_rows.copy_(self.host_seq_rows, non_blocking=True)
-        packed = self.block_tables_packed[: rows * width]
-        packed.copy_(self.host_block_tables[: rows * width], non_blocking=True)
-        self.block_tables[:rows, :width].copy_(packed.view(rows, width))
+        copy_block_tables(block_tables, self.host_block_tables, self.block_tables_packed, self.block_tables)
         # Inside the graph the kernels read int32 lengths and offsets: cast on the device, outside it.
         self.context_lens.copy_(self.seq_rows[0, :-1])
         self.query_start_loc.copy_(self.seq_rows[1])
