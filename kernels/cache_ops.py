@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv, next_power_of_2
+
 
 @triton.jit
 def _store_kvcache_kernel(
@@ -57,8 +59,8 @@ def store_kvcache(
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        NUM_HEADS=num_heads, HEADS_PAD=next_power_of_2(num_heads),
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1],
     )
 
@@ -100,7 +102,7 @@ def copy_blocks(kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None:
     if not kv_pool[0, 0, 0].is_contiguous():
         raise ValueError(f"copy_blocks: each block must be contiguous, got pool strides {kv_pool.stride()}")
     mapping = block_mapping.to(torch.int64).contiguous()
-    grid = (num_pairs, num_layers * 2, triton.cdiv(block_numel, _COPY_CHUNK))
+    grid = (num_pairs, num_layers * 2, cdiv(block_numel, _COPY_CHUNK))
     _copy_blocks_kernel[grid](
         kv_pool, mapping, kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), block_numel,
         CHUNK=_COPY_CHUNK,

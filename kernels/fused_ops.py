@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv, next_power_of_2
 from .pdl import launch_options, wait_for_previous_kernel
 
 
@@ -61,7 +62,7 @@ def _launch_rms_norm(
     for name, t in (("x", x), ("residual", residual), ("out", out)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"rms_norm: {name} needs contiguous rows, got strides {t.stride()}")
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     residual_arg = x if residual is None else residual  # never dereferenced without HAS_RESIDUAL
     _rms_norm_kernel[(x.shape[0],)](
         x, residual_arg, weight, out, x.stride(0), residual_arg.stride(0), out.stride(0), eps,
@@ -194,8 +195,8 @@ def rotary_store_kv_(
         sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2),
-        NUM_Q_HEADS=num_q_heads, Q_HEADS_PAD=triton.next_power_of_2(num_q_heads), NUM_KV_HEADS=num_kv_heads,
-        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        NUM_Q_HEADS=num_q_heads, Q_HEADS_PAD=next_power_of_2(num_q_heads), NUM_KV_HEADS=num_kv_heads,
+        KV_HEADS_PAD=next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=next_power_of_2(half),
         BLOCK_SIZE=k_cache.shape[1], HAS_NORM=q_norm_weight is not None,
         num_warps=4 if num_q_heads * head_dim <= 4096 else 8, **launch_options(q.device),
     )
@@ -227,8 +228,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
                          f"with strides {x.stride()}")
     size = width // 2
     out = torch.empty((num_tokens, size), dtype=x.dtype, device=x.device)
-    block = min(_SILU_BLOCK, triton.next_power_of_2(size))
-    _silu_and_mul_kernel[(num_tokens, triton.cdiv(size, block))](
+    block = min(_SILU_BLOCK, next_power_of_2(size))
+    _silu_and_mul_kernel[(num_tokens, cdiv(size, block))](
         x, out, x.stride(0), out.stride(0), size, BLOCK=block, num_warps=4, **launch_options(x.device),
     )
     return out

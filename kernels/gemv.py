@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .arrival_counters import arrival_counters
+from .host_math import cdiv, next_power_of_2
 from .paged_attention import num_sms
 from .pdl import launch_options, wait_for_previous_kernel
 
@@ -50,7 +51,7 @@ class GemvConfig:
     def shared_bytes(self, M: int, itemsize: int) -> int:
         """Shared memory of the pipeline: num_stages - 1 buffers of a weight tile and an x tile (16 rows
         for MMAs), as Triton 3.9 allocates them for sm_90 (checked against the compiled kernels)."""
-        rows = 16 if self.dot else triton.next_power_of_2(M)
+        rows = 16 if self.dot else next_power_of_2(M)
         return (self.num_stages - 1) * (self.block_n + rows) * self.block_k * itemsize
 
     @staticmethod
@@ -62,8 +63,8 @@ class GemvConfig:
         two is within a few percent of each."""
         block_k = 256 // itemsize
         block_n = 64
-        n_tiles = triton.cdiv(N, block_n)
-        k_tiles = triton.cdiv(K, block_k)
+        n_tiles = cdiv(N, block_n)
+        k_tiles = cdiv(K, block_k)
         split_k = max(1, min(round(2 * sms / n_tiles), k_tiles // 2))
         return GemvConfig(block_n, block_k, balanced_split(k_tiles, split_k), 4, 4, dot=True)
 
@@ -71,7 +72,7 @@ class GemvConfig:
 def balanced_split(k_tiles: int, split_k: int) -> int:
     """The split count that gives every split the same whole number of tiles (the last one fewer)
     and leaves none empty: ceil(k_tiles / ceil(k_tiles / split_k))."""
-    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, max(1, split_k)))
+    return cdiv(k_tiles, cdiv(k_tiles, max(1, split_k)))
 
 
 # An H100 / H200 program may opt into 227 KB of shared memory.
@@ -92,8 +93,8 @@ def gemv_candidates(M: int, N: int, K: int, sms: int = 132, itemsize: int = 2,
              for rows, row_bytes in ((16, 1024), (32, 512), (64, 256), (32, 1024), (128, 256))]
     found = [GemvConfig.default(M, N, K, sms, itemsize)]
     for block_n, block_k in tiles:
-        n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
-        splits = sorted({balanced_split(k_tiles, triton.cdiv(per_sm * sms, n_tiles)) for per_sm in (1, 2, 4)})
+        n_tiles, k_tiles = cdiv(N, block_n), cdiv(K, block_k)
+        splits = sorted({balanced_split(k_tiles, cdiv(per_sm * sms, n_tiles)) for per_sm in (1, 2, 4)})
         for dot in (True, False) if M <= 2 else (True,):
             for warps, stages in ((4, 3), (4, 4), (4, 6), (8, 4)):
                 for split_k in splits:
@@ -215,10 +216,10 @@ def skinny_linear(
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
     cfg = config or GemvConfig.default(M, N, K, num_sms(x.device), x.element_size())
-    k_tiles = triton.cdiv(K, cfg.block_k)
-    tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
-    split_k = triton.cdiv(k_tiles, tiles_per_split)  # the config's count, less any split left empty
-    n_tiles = triton.cdiv(N, cfg.block_n)
+    k_tiles = cdiv(K, cfg.block_k)
+    tiles_per_split = cdiv(k_tiles, cfg.split_k)
+    split_k = cdiv(k_tiles, tiles_per_split)  # the config's count, less any split left empty
+    n_tiles = cdiv(N, cfg.block_n)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if split_k > 1:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
@@ -230,7 +231,7 @@ def skinny_linear(
         M, N, K, tiles_per_split * cfg.block_k, split_k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0),
         y.stride(0),
-        M_PAD=16 if cfg.dot else triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        M_PAD=16 if cfg.dot else next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages, SPLIT=split_k > 1, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=bias is not None,
         DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
         **launch_options(x.device),

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .arrival_counters import arrival_counters
+from .host_math import cdiv, next_power_of_2
 from .pdl import launch_options, wait_for_previous_kernel
 
 _LOG2E = 1.4426950408889634
@@ -121,7 +122,7 @@ def decode_split_plan(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
     target = TARGET_PROGRAMS_PER_SM * num_sms
     if 5 * programs >= 4 * target:
         return 1
-    by_length = triton.cdiv(max(max_context_len, 1), MIN_SPLIT_TOKENS)
+    by_length = cdiv(max(max_context_len, 1), MIN_SPLIT_TOKENS)
     return max(1, min(target // programs, by_length, MAX_SPLITS))
 
 
@@ -180,7 +181,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tup
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous head_dim, got strides {t.stride()}")
     group = num_q_heads // num_kv_heads
-    return group, triton.next_power_of_2(group), head_dim
+    return group, next_power_of_2(group), head_dim
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -334,8 +335,8 @@ def _merge_shape(group: int, head_dim: int, num_splits: int) -> dict[str, int]:
     """Tile sizes of the merge in the decode kernel: the group's heads rounded up to a power of two,
     every split's log-sum-exp at once, and up to 8 splits' outputs per step, as many as keep the
     [heads, splits, head_dim] tile within 8K fp32 values (64 registers a thread at 4 warps)."""
-    group_pow2 = triton.next_power_of_2(group)
-    splits_pad = triton.next_power_of_2(num_splits)
+    group_pow2 = next_power_of_2(group)
+    splits_pad = next_power_of_2(num_splits)
     chunk = 8
     while chunk > 1 and (chunk > splits_pad or group_pow2 * chunk * head_dim > 8192):
         chunk //= 2
@@ -590,7 +591,7 @@ def paged_prefill(
     block_m = max(cfg.block_m, group_pad, 16)
     # Sequence i has cdiv(q_len_i, tokens per tile) tiles: at most cdiv(num_tokens, tokens per tile)
     # plus one partial tile per sequence in all.
-    grid = (num_kv_heads, triton.cdiv(q.shape[0], block_m // group_pad) + num_seqs)
+    grid = (num_kv_heads, cdiv(q.shape[0], block_m // group_pad) + num_seqs)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
         scale * _LOG2E, num_seqs,
@@ -601,7 +602,7 @@ def paged_prefill(
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_N_DIAG=min(cfg.block_n, cfg.block_n_diag),
         SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
         Q_IN_REGISTERS=cfg.q_in_registers, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        SEQS_POW2=max(16, triton.next_power_of_2(num_seqs)),  # one compiled variant up to 16 sequences
+        SEQS_POW2=max(16, next_power_of_2(num_seqs)),  # one compiled variant up to 16 sequences
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv, next_power_of_2
 from .paged_attention import num_sms
 
 # Column index that no lane ever holds: lanes that saw only -inf keys keep it, and a row whose keys
@@ -170,8 +171,8 @@ def _merge_kernel(
 def sample_splits(num_rows: int, vocab: int, device: torch.device, lanes: int = _LANES) -> int:
     """Programs per row: 1 once rows fill the GPU, else enough to give each SM _PROGRAMS_PER_SM
     programs, never more than the row has tiles."""
-    tiles = triton.cdiv(vocab, 4 * lanes)
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), max(num_rows, 1))
+    tiles = cdiv(vocab, 4 * lanes)
+    wanted = cdiv(_PROGRAMS_PER_SM * num_sms(device), max(num_rows, 1))
     return max(1, min(tiles, wanted))
 
 
@@ -207,10 +208,10 @@ def sample_tokens(
     logprobs = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     if num_rows == 0:
         return tokens, logprobs
-    tiles = triton.cdiv(vocab, 4 * lanes)
+    tiles = cdiv(vocab, 4 * lanes)
     splits = min(tiles, num_splits or sample_splits(num_rows, vocab, logits.device, lanes))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)  # no split without a tile
+    tiles_per_split = cdiv(tiles, splits)
+    splits = cdiv(tiles, tiles_per_split)  # no split without a tile
     partial = torch.empty((num_rows, splits, 3) if splits > 1 else 0, dtype=torch.float32, device=logits.device)
     partial_idx = torch.empty((num_rows, splits) if splits > 1 else 0, dtype=torch.int32, device=logits.device)
     random = temperature is not None
@@ -223,6 +224,6 @@ def sample_tokens(
     if splits > 1:
         _merge_kernel[(num_rows,)](
             logits, partial, partial_idx, tokens, logprobs, logits.stride(0), splits,
-            SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
+            SPLITS_PAD=next_power_of_2(splits), num_warps=1,
         )
     return tokens, logprobs

@@ -371,3 +371,14 @@ def test_rejects_unsupported_shapes() -> None:
     batch = build_batch([30], [30], q_heads=4, kv_heads=2, head_dim=32, block_size=24, dtype=torch.float32)
     with pytest.raises(ValueError, match="power-of-two block size"):
         run_prefill(batch)
+
+
+def test_launch_wrappers_integer_helpers_match_triton() -> None:
+    """kernels/host_math.py replaces triton.cdiv / next_power_of_2 in the launch wrappers (those are
+    constexpr functions, slow to call from Python): same results."""
+    import triton
+
+    from streampage.kernels.host_math import cdiv, next_power_of_2
+
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 40))
