@@ -16,6 +16,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,8 +28,9 @@ from streampage import LLM, SamplingParams
 from streampage.config import EngineConfig
 from streampage.distributed import Rendezvous, init_tensor_parallel, join_world, open_store, shutdown_tensor_parallel
 from streampage.engine import llm_engine
+from streampage.runner.block_table_mirror import MirrorCopy
 from streampage.runner.model_runner import CacheMoves
-from streampage.runner.step_inputs import StepInputs
+from streampage.runner.step_inputs import StepInputBuilder, StepInputs
 from streampage.runner.tp_control import Kind, decode, encode
 from streampage.runner.tp_executor import TensorParallelError, TensorParallelExecutor
 
@@ -230,23 +232,57 @@ def test_a_step_overdue_on_the_device_aborts_the_device_group_and_fails():
 
 def test_step_messages_round_trip():
     rng = np.random.default_rng(0)
+    mirror_table = rng.integers(0, 50, (4, 9)).astype(np.int32)  # rank 0's BlockTableMirror.table
     inputs = StepInputs(
         input_ids=np.array([5, -1, 7, 9, -1], dtype=np.int64), positions=rng.integers(0, 99, 5),
         slot_mapping=np.array([3, 17, -1, 40, 41], dtype=np.int64),
-        block_tables=rng.integers(0, 50, (3, 7)).astype(np.int32), context_lens=np.array([4, 9, 2], dtype=np.int32),
+        block_tables=mirror_table[[2, 0, 3], :7], context_lens=np.array([4, 9, 2], dtype=np.int32),
         query_start_loc=np.array([0, 2, 3, 5], dtype=np.int32), sample_rows=[0, 2],
         is_decode=False, placeholders=np.array([1, 4]), placeholder_sources=np.array([0, 1]),
+        table_rows=np.array([2, 0, 3]), table_writes=[(0, 0, 9), (2, 0, 9), (3, 0, 9)],
     )
     moves = CacheMoves([(1, 2), (3, 4)], [], [(5, 6)])
-    kind, got_moves, got = decode(encode(Kind.STEP, moves, inputs))
+    copy = MirrorCopy(9, rows=2)  # grows to hold row 3, as rank 0's mirror did
+    kind, got_moves, got = decode(encode(Kind.STEP, moves, inputs, mirror_table), copy)
     assert kind is Kind.STEP and got_moves == ([[1, 2], [3, 4]], [], [[5, 6]])
     for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens", "query_start_loc",
                  "placeholders"):
         np.testing.assert_array_equal(getattr(got, name), getattr(inputs, name))
         assert getattr(got, name).dtype == getattr(inputs, name).dtype, name
     assert (got.sample_rows, got.is_decode) == ([0, 2], False)
-    assert decode(encode(Kind.STEP, CacheMoves([(8, 0)], [], []), None)) == (Kind.STEP, ([[8, 0]], [], []), None)
-    assert decode(encode(Kind.SHUTDOWN)) == (Kind.SHUTDOWN, None, None)
+    assert decode(encode(Kind.STEP, CacheMoves([(8, 0)], [], []), None), copy) == (Kind.STEP, ([[8, 0]], [], []), None)
+    assert decode(encode(Kind.SHUTDOWN), copy) == (Kind.SHUTDOWN, None, None)
+
+
+def test_step_messages_carry_block_table_changes_only():
+    """Steps built by rank 0's StepInputBuilder: the other ranks' copy rebuilds every step's block
+    tables from the writes alone (new blocks, a copy-on-write rewrite, a finished sequence's row
+    reused by a new one), and a step whose tables did not change sends no table entry."""
+    builder = StepInputBuilder(block_size=4, max_blocks_per_seq=8)
+    copy = MirrorCopy(8, rows=1)
+    # Per step: (seq id, tokens so far, tokens computed before the step, table) per row, rewritten, dropped.
+    steps = [
+        ([(1, 6, 0, [10, 11]), (2, 3, 0, [20])], set(), []),  # prefill
+        ([(1, 7, 6, [10, 11]), (2, 4, 3, [20])], set(), []),  # decode, no new block
+        ([(1, 8, 7, [10, 11]), (2, 5, 4, [20, 21])], set(), []),  # seq 2 takes a block
+        ([(1, 9, 8, [10, 11, 12]), (2, 6, 5, [20, 23])], {2}, []),  # seq 1 a block; copy-on-write in seq 2
+        ([(1, 10, 9, [10, 11, 12])], set(), [2]),  # seq 2 finished
+        ([(1, 11, 10, [10, 11, 12]), (3, 5, 0, [30, 31])], set(), []),  # seq 3 reuses seq 2's row
+    ]
+    written = []
+    for rows, rewritten, dropped in steps:
+        seqs = [SimpleNamespace(seq_id=i, token_ids=list(range(n)), num_computed_tokens=done)
+                for i, n, done, _ in rows]
+        new_tokens = [n - done for _, n, done, _ in rows]
+        out = SimpleNamespace(seqs=seqs, block_tables=[t for *_, t in rows], rewritten_seq_ids=rewritten,
+                              dropped_seq_ids=dropped, is_decode_only=all(k == 1 for k in new_tokens),
+                              num_new_tokens=new_tokens, num_batched_tokens=sum(new_tokens))
+        inputs = builder.build(out)
+        _, _, got = decode(encode(Kind.STEP, CacheMoves([], [], []), inputs, builder.mirror.table), copy)
+        np.testing.assert_array_equal(got.block_tables, inputs.block_tables)
+        written.append(sum(end - start for _, start, end in inputs.table_writes))
+    assert written == [3, 0, 1, 3, 0, 2]  # entries sent: seq 2's whole rewritten row, seq 3's new row
+
 
 
 

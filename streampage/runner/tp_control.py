@@ -2,13 +2,18 @@
 
 A step message carries what every rank needs to run the step exactly as rank 0 does: the block moves
 (swap-out, swap-in, copy-on-write pairs) and the flattened batch (`StepInputs`: input ids with
-placeholders, positions, slot mapping, block tables, context lengths, query start offsets, the rows
-that sample). Placeholder tokens stay placeholders here: rank 0 broadcasts their values over the
-device group just before the forward, so its host never waits for them.
+placeholders, positions, slot mapping, context lengths, query start offsets, the rows that sample).
+Placeholder tokens stay placeholders here: rank 0 broadcasts their values over the device group just
+before the forward, so its host never waits for them.
 
-Layout: an int64 header (kind, is_decode, block-table width, then the element count of
-each array in `_FIELDS` order), followed by each array's bytes, each padded to 8 bytes. Nothing per
-sequence is pickled; building and reading a message is O(step size).
+Block tables travel as changes. Rank 0's input builder keeps them in a `BlockTableMirror`; a step
+message carries each row's mirror row and the entries this step's update wrote (usually one new block
+for one sequence in sixteen), and every other rank applies them to its `MirrorCopy` and reads the
+step's tables from it. A decode step of 256 sequences is a few KB instead of 256 full rows.
+
+Layout: an int64 header (kind, is_decode, block-table width, then the element count of each array in
+`_FIELDS` order), followed by each array's bytes, each padded to 8 bytes. Nothing per sequence is
+pickled; building and reading a message is O(step size).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from streampage.runner.block_table_mirror import MirrorCopy
 from streampage.runner.model_runner import CacheMoves
 from streampage.runner.step_inputs import StepInputs
 
@@ -32,25 +38,34 @@ class Kind(IntEnum):
 
 
 _FIELDS: tuple[tuple[str, type], ...] = (
-    ("input_ids", np.int64), ("positions", np.int64), ("slot_mapping", np.int64), ("block_tables", np.int32),
-    ("context_lens", np.int32), ("query_start_loc", np.int32), ("sample_rows", np.int64),
-    ("placeholders", np.int64), ("swap_out", np.int64), ("swap_in", np.int64), ("copy", np.int64),
+    ("input_ids", np.int64), ("positions", np.int64), ("slot_mapping", np.int64), ("table_rows", np.int64),
+    ("table_writes", np.int64), ("table_values", np.int32), ("context_lens", np.int32),
+    ("query_start_loc", np.int32), ("sample_rows", np.int64), ("placeholders", np.int64),
+    ("swap_out", np.int64), ("swap_in", np.int64), ("copy", np.int64),
 )
+_STEP_ARRAYS = 10  # the fields of the batch; the block moves follow
 _SCALARS = 3  # kind, is_decode, block-table width
 _HEADER_BYTES = 8 * (_SCALARS + len(_FIELDS))
 
 
-def encode(kind: Kind, moves: CacheMoves | None = None, inputs: StepInputs | None = None) -> np.ndarray:
-    """One control message as bytes (uint8)."""
+def encode(kind: Kind, moves: CacheMoves | None = None, inputs: StepInputs | None = None,
+           mirror_table: np.ndarray | None = None) -> np.ndarray:
+    """One control message as bytes (uint8). A step's inputs need the mirror table they were built
+    from (`StepInputBuilder.mirror.table`, before the next step's update), for the entries written."""
     arrays = [np.empty(0, dtype=dtype) for _, dtype in _FIELDS]
     scalars = [int(kind), 0, 0]
     if inputs is not None:
-        arrays[:8] = [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
-                      inputs.context_lens, inputs.query_start_loc, np.asarray(inputs.sample_rows),
-                      inputs.placeholders]
+        assert inputs.table_rows is not None and inputs.table_writes is not None and mirror_table is not None
+        writes = np.array(inputs.table_writes, dtype=np.int64).reshape(-1, 3)
+        values = [mirror_table[row, start:end] for row, start, end in inputs.table_writes]
+        arrays[:_STEP_ARRAYS] = [
+            inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.table_rows, writes,
+            np.concatenate(values) if values else np.empty(0, dtype=np.int32), inputs.context_lens,
+            inputs.query_start_loc, np.asarray(inputs.sample_rows), inputs.placeholders,
+        ]
         scalars[1:] = [int(inputs.is_decode), inputs.block_tables.shape[1]]
     if moves is not None:
-        arrays[8:] = [np.asarray(pairs, dtype=np.int64).reshape(-1, 2) for pairs in moves]
+        arrays[_STEP_ARRAYS:] = [np.asarray(pairs, dtype=np.int64).reshape(-1, 2) for pairs in moves]
     arrays = [np.ascontiguousarray(a, dtype=dtype) for a, (_, dtype) in zip(arrays, _FIELDS, strict=True)]
     sizes = [_padded(a.nbytes) for a in arrays]
     message = np.zeros(_HEADER_BYTES + sum(sizes), dtype=np.uint8)
@@ -62,9 +77,11 @@ def encode(kind: Kind, moves: CacheMoves | None = None, inputs: StepInputs | Non
     return message
 
 
-def decode(message: np.ndarray) -> tuple[Kind, CacheMoves | None, StepInputs | None]:
-    """The inverse of `encode`. The arrays are views of `message`, which `ControlChannel.recv` allocates
-    afresh for every message, so nothing is copied and nothing is overwritten under them."""
+def decode(message: np.ndarray, tables: MirrorCopy) -> tuple[Kind, CacheMoves | None, StepInputs | None]:
+    """The inverse of `encode`, applying the step's block-table writes to this rank's copy of rank 0's
+    mirror (every step message must reach it, in order). The arrays are views of `message`, which
+    `ControlChannel.recv` allocates afresh for every message, so nothing is copied and nothing is
+    overwritten under them; the block tables are read from the copy."""
     header = message[:_HEADER_BYTES].view(np.int64)
     kind = Kind(int(header[0]))
     if kind is not Kind.STEP:
@@ -75,12 +92,14 @@ def decode(message: np.ndarray) -> tuple[Kind, CacheMoves | None, StepInputs | N
         nbytes = count * np.dtype(dtype).itemsize
         arrays.append(message[offset : offset + nbytes].view(dtype))
         offset += _padded(nbytes)
-    ids, positions, slots, tables, lens, starts, sample_rows, placeholders, *pairs = arrays
+    ids, positions, slots, rows, writes, values, lens, starts, sample_rows, placeholders, *pairs = arrays
     moves = CacheMoves(*(p.reshape(-1, 2).tolist() for p in pairs))
     if not len(ids):
         return kind, moves, None
+    writes = writes.reshape(-1, 3)
+    tables.apply(writes, values)
     # Only rank 0 knows where the placeholders' tokens lie in its last draws: it broadcasts them.
-    inputs = StepInputs(ids, positions, slots, tables.reshape(-1, width), lens, starts, sample_rows.tolist(),
+    inputs = StepInputs(ids, positions, slots, tables.table[rows, :width], lens, starts, sample_rows.tolist(),
                         bool(is_decode), placeholders, np.empty(0, dtype=np.int64))
     return kind, moves, inputs
 

@@ -22,6 +22,7 @@ import threading
 import torch
 
 from streampage.distributed import Rendezvous, open_store, shutdown_tensor_parallel
+from streampage.runner.block_table_mirror import MirrorCopy
 from streampage.runner.tp_control import Kind, decode
 from streampage.runner.tp_rank import TensorParallelRunner, join_engine, joined_key
 
@@ -69,8 +70,9 @@ def serve_rank(rendezvous: Rendezvous) -> None:
 def run_steps(runner: TensorParallelRunner) -> None:
     """Receive a control message, run its step, repeat; return on shutdown. A receive waits at most
     distributed_timeout_s (rank 0 sends keepalives while idle)."""
+    tables = MirrorCopy(runner.inputs.mirror.table.shape[1])  # rank 0's block tables, kept from its changes
     while True:
-        kind, moves, inputs = decode(runner.channel.recv())
+        kind, moves, inputs = decode(runner.channel.recv(), tables)
         if kind is Kind.SHUTDOWN:
             return
         if kind is Kind.STEP:
