@@ -71,7 +71,7 @@ def test_staging_pads_tokens_to_the_bucket_and_sequences_to_every_row() -> None:
 @torch.inference_mode()
 def test_padded_forward_gives_the_unpadded_steps_logits(tmp_path, monkeypatch) -> None:
     """Sequence A (9 tokens cached) decodes its 10th while sequence B prefills 7 tokens: the step as a
-    32-token, 5-sequence graph computes it gives the eager step's logits for both sampled rows."""
+    graph of a larger or an exact bucket computes it gives the eager step's logits for both sampled rows."""
     monkeypatch.setattr(layers, "use_triton", lambda x: True)  # the kernels a graph records
     loaded = load_model(make_checkpoint(tmp_path, "llama"), torch.float32, torch.device(DEVICE), progress=False)
     model, shape = loaded.model, loaded.shape
@@ -95,8 +95,11 @@ def test_padded_forward_gives_the_unpadded_steps_logits(tmp_path, monkeypatch) -
         hidden = model(torch.tensor(ids, device=DEVICE), torch.tensor(positions, device=DEVICE))
     expected = model.compute_logits(hidden[torch.tensor(last_tokens, device=DEVICE)])
 
-    buffers = MixedBuffers.allocate(32, 5, 4, torch.device(DEVICE))
-    buffers.load(ids, positions, slots, lens, starts, last_tokens, tables, bucket=32)
-    padded = padded_forward(model, buffers, 32)
-    assert padded.shape == (5, shape.vocab_size)
-    torch.testing.assert_close(padded[:2], expected, rtol=1e-4, atol=1e-4)
+    # 32 tokens over 5 sequence rows; then 8 tokens (exactly the step's) with room for 40 sequences,
+    # of which an 8-token bucket uses 8 rows.
+    for max_seqs, bucket, rows in ((5, 32, 5), (40, 8, 8)):
+        buffers = MixedBuffers.allocate(32, max_seqs, 4, torch.device(DEVICE))
+        buffers.load(ids, positions, slots, lens, starts, last_tokens, tables, bucket=bucket)
+        padded = padded_forward(model, buffers, bucket)
+        assert padded.shape == (rows, shape.vocab_size)
+        torch.testing.assert_close(padded[:2], expected, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ bucket >= T and to `max_seqs` sequences:
 - padding sequences have empty chunks and context 0: `paged_prefill`'s launch depends only on the
   tensors' shapes, and their programs exit at once;
 - the sampled rows' last tokens are gathered by a device index buffer, and the LM head runs on
-  `max_seqs` rows (at decode batch sizes it costs what one row costs: it reads the same weights).
+  min(bucket, max_seqs) rows (a step has at least a token per sequence).
 
 Inputs are staged like the decode graphs' (`cuda_graphs.DecodeBuffers`): pinned host mirrors, a few
 asynchronous copies, the block tables packed.
@@ -56,7 +56,7 @@ class MixedBuffers:
     host_token_rows: torch.Tensor
     host_seq_rows: torch.Tensor
     host_block_tables: torch.Tensor
-    logits: torch.Tensor | None = None  # [max_seqs, vocab], written by the graphs
+    logits: torch.Tensor | None = None  # [rows of the largest bucket, vocab], written by the graphs
 
     @classmethod
     def allocate(cls, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device) -> MixedBuffers:
@@ -112,15 +112,17 @@ def stage_mixed_rows(tokens: np.ndarray, seqs: np.ndarray, input_ids: np.ndarray
 
 
 def padded_forward(model: LlamaForCausalLM, buffers: MixedBuffers, bucket: int) -> torch.Tensor:
-    """What a mixed-step graph records: the model over the bucket's tokens and every sequence row,
-    then the LM head on each sequence row's gathered last token -> [max_seqs, vocab] (into
-    `buffers.logits` once allocated)."""
+    """What a mixed-step graph records: the model over the bucket's tokens and its sequence rows, then
+    the LM head on each sequence row's gathered last token -> [rows, vocab] (into `buffers.logits`
+    once allocated). A step has at least one token per sequence, so a bucket of T tokens needs at most
+    min(T, max_seqs) rows: small buckets launch fewer attention programs and LM-head rows."""
     b = buffers
-    metadata = AttentionMetadata(b.token_rows[2, :bucket], b.block_tables, b.context_lens, b.query_start_loc,
-                                 is_decode=False)
+    rows = min(bucket, b.max_seqs)
+    metadata = AttentionMetadata(b.token_rows[2, :bucket], b.block_tables[:rows], b.context_lens[:rows],
+                                 b.query_start_loc[: rows + 1], is_decode=False)
     with forward_context(metadata):
         hidden = model(b.token_rows[0, :bucket], b.token_rows[1, :bucket])
-    return model.compute_logits(hidden[b.seq_rows[2, : b.max_seqs]], b.logits)
+    return model.compute_logits(hidden[b.seq_rows[2, :rows]], None if b.logits is None else b.logits[:rows])
 
 
 class MixedGraphs:
@@ -153,6 +155,7 @@ class MixedGraphs:
                  self.buckets[0], self.buckets[-1], self.max_seqs, used)
 
     def fits(self, num_tokens: int, num_seqs: int) -> bool:
+        # num_seqs <= num_tokens, so the bucket's rows (min(bucket, max_seqs)) hold every sequence.
         return num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and bool(self.graphs)
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, context_lens: np.ndarray,

@@ -61,13 +61,14 @@ def profile_peak_bytes(loaded: LoadedModel, config: EngineConfig, device: torch.
 def mixed_graph_reserve_bytes(config: EngineConfig, peak_activation_bytes: int, vocab_size: int,
                               itemsize: int) -> int:
     """What the mixed-step graphs keep for good in their pool: the activations of their largest bucket
-    (the profiled step's, scaled by its share of the step's tokens) and their [max_num_seqs, vocab]
-    logits."""
+    (the profiled step's, scaled by its share of the step's tokens) and its logits rows
+    (min(tokens, max_num_seqs) x vocab)."""
     tokens = min(config.runner.mixed_graph_max_tokens, config.scheduler.max_num_batched_tokens)
     if not tokens:
         return 0
     share = tokens / config.scheduler.max_num_batched_tokens
-    return int(peak_activation_bytes * share) + config.scheduler.max_num_seqs * vocab_size * itemsize
+    rows = min(tokens, config.scheduler.max_num_seqs)
+    return int(peak_activation_bytes * share) + rows * vocab_size * itemsize
 
 
 def profile_kv_blocks(loaded: LoadedModel, config: EngineConfig, bytes_per_block: int, device: torch.device) -> int:
