@@ -10,13 +10,20 @@ import os
 import numpy as np
 import pytest
 import torch
-from checkpoints import make_checkpoint
+from checkpoints import VOCAB_SIZE, make_checkpoint
 
+from streampage import LLM, SamplingParams
 from streampage.config import ConfigError, EngineConfig
 from streampage.model import layers
 from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.loader import load_model
-from streampage.runner.mixed_graphs import MixedBuffers, padded_forward, stage_mixed_rows, token_buckets
+from streampage.runner.mixed_graphs import (
+    MixedBuffers,
+    MixedGraphs,
+    padded_forward,
+    stage_mixed_rows,
+    token_buckets,
+)
 from streampage.runner.profiling import mixed_graph_reserve_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,3 +110,49 @@ def test_padded_forward_gives_the_unpadded_steps_logits(tmp_path, monkeypatch) -
         padded = padded_forward(model, buffers, bucket)
         assert padded.shape == (rows, shape.vocab_size)
         torch.testing.assert_close(padded[:2], expected, rtol=1e-4, atol=1e-4)
+
+
+class _NoEvent:
+    """torch.cuda.Event's part that MixedGraphs uses, for a CPU run."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _EagerReplay:
+    """A captured graph's stand-in on the CPU: replaying runs what the capture would have recorded."""
+
+    def __init__(self, graphs: MixedGraphs, bucket: int, replays: list[int]) -> None:
+        self.graphs, self.bucket, self.replays = graphs, bucket, replays
+
+    def replay(self) -> None:
+        self.replays.append(self.bucket)
+        padded_forward(self.graphs.model, self.graphs.buffers, self.bucket)
+
+
+def test_engine_steps_staged_for_mixed_graphs_give_the_eager_tokens(tmp_path, monkeypatch) -> None:
+    """The runner's mixed-graph path end to end on the CPU, each replay standing in for a graph by
+    running the padded forward: staging over many steps (placeholders of async scheduling, padding
+    rewritten as steps shrink, the sampled rows' logits) gives the eager engine's tokens."""
+    model_dir = make_checkpoint(tmp_path, "llama")
+    prompts = [[5, 17, 99, 3, 250, 41, 8], [300, 12], list(range(20, 61)), [7] * 19, [101, 102] * 30]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    options = {"device": "cpu", "dtype": "float32", "max_num_seqs": 8, "max_num_batched_tokens": 32}
+
+    def tokens(llm: LLM) -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    eager = tokens(LLM(str(model_dir), **options))
+    llm = LLM(str(model_dir), **options)
+    runner = llm.engine.executor.runner
+    monkeypatch.setattr(torch.cuda, "Event", _NoEvent)
+    graphs = MixedGraphs(runner.model, 32, 8, runner.inputs.mirror.table.shape[1], torch.device("cpu"))
+    graphs.buffers.logits = torch.empty(8, VOCAB_SIZE)  # what the largest bucket's capture allocates
+    replays: list[int] = []
+    graphs.graphs = {bucket: _EagerReplay(graphs, bucket, replays) for bucket in graphs.buckets}
+    runner.mixed_graphs = graphs
+    assert tokens(llm) == eager
+    assert len(replays) >= 4 and set(replays) <= {32}
