@@ -156,3 +156,14 @@ def test_engine_steps_staged_for_mixed_graphs_give_the_eager_tokens(tmp_path, mo
     runner.mixed_graphs = graphs
     assert tokens(llm) == eager
     assert len(replays) >= 4 and set(replays) <= {32}
+
+
+def test_a_step_fits_a_graph_when_its_bucket_holds_its_tokens_and_rows(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "Event", _NoEvent)
+    graphs = MixedGraphs(None, 128, 40, 4, torch.device("cpu"))  # buckets 32, 64, 128; 40 sequence rows
+    assert not graphs.fits(10, 2)  # nothing captured yet
+    graphs.graphs = dict.fromkeys(graphs.buckets)
+    assert graphs.fits(30, 30) and graphs.fits(128, 40) and graphs.fits(1, 1)
+    assert not graphs.fits(129, 1)  # past the largest bucket
+    assert not graphs.fits(30, 33)  # more rows than the 32-token bucket has
+    assert not graphs.fits(100, 41)  # more sequences than rows

@@ -155,8 +155,11 @@ class MixedGraphs:
                  self.buckets[0], self.buckets[-1], self.max_seqs, used)
 
     def fits(self, num_tokens: int, num_seqs: int) -> bool:
-        # num_seqs <= num_tokens, so the bucket's rows (min(bucket, max_seqs)) hold every sequence.
-        return num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and bool(self.graphs)
+        """Whether a graph holds the step: its tokens within the largest bucket and its sequences
+        within that bucket's rows (every row has a token, so they always are)."""
+        if not self.graphs or num_tokens > self.max_tokens:
+            return False
+        return num_seqs <= min(self.buckets[self._bucket_of[num_tokens]], self.max_seqs)
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, context_lens: np.ndarray,
             query_start_loc: np.ndarray, last_tokens: np.ndarray, block_tables: np.ndarray,
