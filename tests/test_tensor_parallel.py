@@ -28,7 +28,7 @@ from streampage import LLM, SamplingParams
 from streampage.config import EngineConfig
 from streampage.distributed import Rendezvous, init_tensor_parallel, join_world, open_store, shutdown_tensor_parallel
 from streampage.engine import llm_engine
-from streampage.runner.block_table_mirror import MirrorCopy
+from streampage.runner.block_table_mirror import BlockTableMirror, MirrorCopy
 from streampage.runner.model_runner import CacheMoves
 from streampage.runner.step_inputs import StepInputBuilder, StepInputs
 from streampage.runner.tp_control import Kind, decode, encode
@@ -232,18 +232,20 @@ def test_a_step_overdue_on_the_device_aborts_the_device_group_and_fails():
 
 def test_step_messages_round_trip():
     rng = np.random.default_rng(0)
-    mirror_table = rng.integers(0, 50, (4, 9)).astype(np.int32)  # rank 0's BlockTableMirror.table
+    mirror = BlockTableMirror(9, rows=4)  # rank 0's, as if its last update had written three rows
+    mirror.table[:] = rng.integers(0, 50, (4, 9))
+    mirror.writes = [(0, 0, 9), (2, 0, 9), (3, 0, 9)]
     inputs = StepInputs(
         input_ids=np.array([5, -1, 7, 9, -1], dtype=np.int64), positions=rng.integers(0, 99, 5),
         slot_mapping=np.array([3, 17, -1, 40, 41], dtype=np.int64),
-        block_tables=mirror_table[[2, 0, 3], :7], context_lens=np.array([4, 9, 2], dtype=np.int32),
+        block_tables=mirror.table[[2, 0, 3], :7], context_lens=np.array([4, 9, 2], dtype=np.int32),
         query_start_loc=np.array([0, 2, 3, 5], dtype=np.int32), sample_rows=[0, 2],
         is_decode=False, placeholders=np.array([1, 4]), placeholder_sources=np.array([0, 1]),
-        table_rows=np.array([2, 0, 3]), table_writes=[(0, 0, 9), (2, 0, 9), (3, 0, 9)],
+        table_rows=np.array([2, 0, 3]),
     )
     moves = CacheMoves([(1, 2), (3, 4)], [], [(5, 6)])
     copy = MirrorCopy(9, rows=2)  # grows to hold row 3, as rank 0's mirror did
-    kind, got_moves, got = decode(encode(Kind.STEP, moves, inputs, mirror_table), copy)
+    kind, got_moves, got = decode(encode(Kind.STEP, moves, inputs, mirror), copy)
     assert kind is Kind.STEP and got_moves == ([[1, 2], [3, 4]], [], [[5, 6]])
     for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens", "query_start_loc",
                  "placeholders"):
@@ -278,9 +280,9 @@ def test_step_messages_carry_block_table_changes_only():
                               dropped_seq_ids=dropped, is_decode_only=all(k == 1 for k in new_tokens),
                               num_new_tokens=new_tokens, num_batched_tokens=sum(new_tokens))
         inputs = builder.build(out)
-        _, _, got = decode(encode(Kind.STEP, CacheMoves([], [], []), inputs, builder.mirror.table), copy)
+        _, _, got = decode(encode(Kind.STEP, CacheMoves([], [], []), inputs, builder.mirror), copy)
         np.testing.assert_array_equal(got.block_tables, inputs.block_tables)
-        written.append(sum(end - start for _, start, end in inputs.table_writes))
+        written.append(sum(end - start for _, start, end in builder.mirror.writes))
     assert written == [3, 0, 1, 3, 0, 2]  # entries sent: seq 2's whole rewritten row, seq 3's new row
 
 

@@ -36,11 +36,9 @@ class StepInputs:
     # input_ids, and where each one lies in that step's sampled-token tensor on the device.
     placeholders: np.ndarray
     placeholder_sources: np.ndarray
-    # Where block_tables came from: each row's row of the builder's `BlockTableMirror`, and the
-    # mirror entries this step's update wrote, (row, first column, end column). Tensor-parallel ranks
-    # rebuild block_tables from them (`tp_control`); None where nobody needs them.
+    # Each row's row of the builder's `BlockTableMirror`, from which block_tables was read: with the
+    # mirror's last writes, what tensor-parallel ranks rebuild block_tables from (`tp_control`).
     table_rows: np.ndarray | None = None
-    table_writes: list[tuple[int, int, int]] | None = None
 
 
 class StepInputBuilder:
@@ -92,4 +90,4 @@ class StepInputBuilder:
             sources = np.fromiter((draw_of[seqs[row].seq_id] for row in row_of_token[placeholders].tolist()),
                                   dtype=np.int64, count=len(placeholders))
         return StepInputs(input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc,
-                          sample_rows, out.is_decode_only, placeholders, sources, rows, self.mirror.writes)
+                          sample_rows, out.is_decode_only, placeholders, sources, rows)

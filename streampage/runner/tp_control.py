@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from streampage.runner.block_table_mirror import MirrorCopy
+from streampage.runner.block_table_mirror import BlockTableMirror, MirrorCopy
 from streampage.runner.model_runner import CacheMoves
 from streampage.runner.step_inputs import StepInputs
 
@@ -49,15 +49,15 @@ _HEADER_BYTES = 8 * (_SCALARS + len(_FIELDS))
 
 
 def encode(kind: Kind, moves: CacheMoves | None = None, inputs: StepInputs | None = None,
-           mirror_table: np.ndarray | None = None) -> np.ndarray:
-    """One control message as bytes (uint8). A step's inputs need the mirror table they were built
-    from (`StepInputBuilder.mirror.table`, before the next step's update), for the entries written."""
+           mirror: BlockTableMirror | None = None) -> np.ndarray:
+    """One control message as bytes (uint8). A step's inputs need the mirror they were built from
+    (`StepInputBuilder.mirror`, before the next step's update): its last writes travel with them."""
     arrays = [np.empty(0, dtype=dtype) for _, dtype in _FIELDS]
     scalars = [int(kind), 0, 0]
     if inputs is not None:
-        assert inputs.table_rows is not None and inputs.table_writes is not None and mirror_table is not None
-        writes = np.array(inputs.table_writes, dtype=np.int64).reshape(-1, 3)
-        values = [mirror_table[row, start:end] for row, start, end in inputs.table_writes]
+        assert inputs.table_rows is not None and mirror is not None
+        writes = np.array(mirror.writes, dtype=np.int64).reshape(-1, 3)
+        values = [mirror.table[row, start:end] for row, start, end in mirror.writes]
         arrays[:_STEP_ARRAYS] = [
             inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.table_rows, writes,
             np.concatenate(values) if values else np.empty(0, dtype=np.int32), inputs.context_lens,

@@ -61,7 +61,7 @@ class TensorParallelRunner(ModelRunner):
 
     def execute_step(self, moves: CacheMoves, inputs: StepInputs | None) -> torch.Tensor | None:
         if tp_rank() == 0:
-            self.channel.send(encode(Kind.STEP, moves, inputs, self.inputs.mirror.table))
+            self.channel.send(encode(Kind.STEP, moves, inputs, self.inputs.mirror))
         return super().execute_step(moves, inputs)
 
     def _placeholder_tokens(self, inputs: StepInputs) -> torch.Tensor:
