@@ -130,7 +130,7 @@ class _EagerReplay:
 
     def replay(self) -> None:
         self.replays.append(self.bucket)
-        padded_forward(self.graphs.model, self.graphs.buffers, self.bucket)
+        padded_forward(self.graphs.model, self.graphs.buffers, self.bucket, self.graphs.buffers.logits)
 
 
 def test_engine_steps_staged_for_mixed_graphs_give_the_eager_tokens(tmp_path, monkeypatch) -> None:
@@ -167,3 +167,26 @@ def test_a_step_fits_a_graph_when_its_bucket_holds_its_tokens_and_rows(monkeypat
     assert not graphs.fits(129, 1)  # past the largest bucket
     assert not graphs.fits(30, 33)  # more rows than the 32-token bucket has
     assert not graphs.fits(100, 41)  # more sequences than rows
+
+
+def test_capture_buckets_runs_largest_first_and_shares_the_largest_output(monkeypatch) -> None:
+    """The capture loop both graph kinds use, with CUDA's graph calls stubbed: each bucket runs once
+    eagerly then once captured, largest first; the largest bucket's captured output is the buffer the
+    others are given."""
+    import contextlib
+
+    from streampage.runner import cuda_graphs
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (0, 0))
+    calls = []
+
+    def forward(bucket: int, out: torch.Tensor | None) -> torch.Tensor:
+        calls.append((bucket, None if out is None else out.shape[0]))
+        return torch.zeros(bucket) if out is None else out[:bucket]
+
+    graphs, out = cuda_graphs.capture_buckets([8, 1, 4], forward, pool=(0, 0), what="test")
+    assert sorted(graphs) == [1, 4, 8] and out.shape == (8,)
+    assert calls == [(8, None), (8, None), (4, 8), (4, 8), (1, 8), (1, 8)]

@@ -112,6 +112,31 @@ def stage_decode_rows(tokens: np.ndarray, lens: np.ndarray, input_ids: np.ndarra
     lens[:rows], lens[rows:bucket] = context_lens, 0
 
 
+@torch.inference_mode()
+def capture_buckets(buckets: list[int], forward: Callable[[int, torch.Tensor | None], torch.Tensor], pool: tuple,
+                    what: str) -> tuple[dict[int, torch.cuda.CUDAGraph], torch.Tensor]:
+    """One graph of `forward(bucket, out)` per bucket, largest first, into `pool`. Each bucket runs once
+    eagerly first, which compiles and loads every kernel variant outside the capture. The largest
+    bucket's output is allocated inside its capture and becomes `out`, which the smaller ones write
+    the first rows of. Returns the graphs and that shared output buffer."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    out: torch.Tensor | None = None
+    free_before = torch.cuda.mem_get_info()[0]
+    for bucket in tqdm(sorted(buckets, reverse=True), desc=f"capturing {what} graphs", unit="graph"):
+        forward(bucket, out)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            result = forward(bucket, out)
+        out = result if out is None else out
+        graphs[bucket] = graph
+    torch.cuda.synchronize()
+    assert out is not None, "no buckets"
+    log.info("captured %d %s graphs (%d..%d) in %.0f MiB", len(graphs), what, min(buckets), max(buckets),
+             (free_before - torch.cuda.mem_get_info()[0]) / (1 << 20))
+    return graphs, out
+
+
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, max_batch: int, max_blocks_per_seq: int,
                  device: torch.device) -> None:
@@ -127,28 +152,15 @@ class DecodeGraphs:
         # device has copied the previous step's inputs out of them.
         self._pinned_free = torch.cuda.Event()
 
-    @torch.inference_mode()
     def capture(self, pool: tuple) -> None:
         """Every bucket, largest first, into `pool` (a memory pool the runner's graphs share)."""
-        free_before = torch.cuda.mem_get_info()[0]
-        for bucket in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs", unit="graph"):
-            self._forward(bucket)  # compile and load every kernel variant outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(bucket)
-            if self.buffers.logits is None:  # the largest bucket allocates; the others write into it
-                self.buffers.logits = logits
-            self.graphs[bucket] = graph
-        torch.cuda.synchronize()
-        log.info("captured %d decode graphs (batch %d..%d) in %.0f MiB", len(self.graphs), self.buckets[0],
-                 self.buckets[-1], (free_before - torch.cuda.mem_get_info()[0]) / (1 << 20))
+        self.graphs, self.buffers.logits = capture_buckets(self.buckets, self._forward, pool, "decode")
 
-    def _forward(self, bucket: int) -> torch.Tensor:
+    def _forward(self, bucket: int, out: torch.Tensor | None) -> torch.Tensor:
         b = self.buffers
         with forward_context(b.metadata(bucket, self._splits[bucket])):
             hidden = self.model(b.input_ids[:bucket], b.positions[:bucket])
-        return self.model.compute_logits(hidden, None if b.logits is None else b.logits[:bucket])
+        return self.model.compute_logits(hidden, None if out is None else out[:bucket])
 
     def fits(self, batch: int) -> bool:
         return batch <= self.max_batch and bool(self.graphs)

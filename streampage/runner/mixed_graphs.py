@@ -19,19 +19,15 @@ asynchronous copies, the block tables packed.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.llama import LlamaForCausalLM
-from streampage.runner.cuda_graphs import copy_block_tables
-
-log = logging.getLogger(__name__)
+from streampage.runner.cuda_graphs import capture_buckets, copy_block_tables
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -111,10 +107,11 @@ def stage_mixed_rows(tokens: np.ndarray, seqs: np.ndarray, input_ids: np.ndarray
     seqs[2, :num_sampled], seqs[2, num_sampled:] = last_tokens, 0
 
 
-def padded_forward(model: LlamaForCausalLM, buffers: MixedBuffers, bucket: int) -> torch.Tensor:
+def padded_forward(model: LlamaForCausalLM, buffers: MixedBuffers, bucket: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """What a mixed-step graph records: the model over the bucket's tokens and its sequence rows, then
-    the LM head on each sequence row's gathered last token -> [rows, vocab] (into `buffers.logits`
-    once allocated). A step has at least one token per sequence, so a bucket of T tokens needs at most
+    the LM head on each sequence row's gathered last token -> [rows, vocab] (into `out`'s first rows
+    when given). A step has at least one token per sequence, so a bucket of T tokens needs at most
     min(T, max_seqs) rows: small buckets launch fewer attention programs and LM-head rows."""
     b = buffers
     rows = min(bucket, b.max_seqs)
@@ -122,7 +119,7 @@ def padded_forward(model: LlamaForCausalLM, buffers: MixedBuffers, bucket: int) 
                                  b.query_start_loc[: rows + 1], is_decode=False)
     with forward_context(metadata):
         hidden = model(b.token_rows[0, :bucket], b.token_rows[1, :bucket])
-    return model.compute_logits(hidden[b.seq_rows[2, :rows]], None if b.logits is None else b.logits[:rows])
+    return model.compute_logits(hidden[b.seq_rows[2, :rows]], None if out is None else out[:rows])
 
 
 class MixedGraphs:
@@ -136,23 +133,11 @@ class MixedGraphs:
         self._bucket_of = np.searchsorted(np.array(self.buckets), np.arange(max_tokens + 1))
         self._pinned_free = torch.cuda.Event()  # as in DecodeGraphs: the mirrors' last copies are done
 
-    @torch.inference_mode()
     def capture(self, pool: tuple) -> None:
         """Every bucket, largest first, into `pool` (shared with the decode graphs: no two replay at once)."""
-        free_before = torch.cuda.mem_get_info()[0]
-        for bucket in tqdm(list(reversed(self.buckets)), desc="capturing mixed-step graphs", unit="graph"):
-            padded_forward(self.model, self.buffers, bucket)  # compile every kernel variant outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = padded_forward(self.model, self.buffers, bucket)
-            if self.buffers.logits is None:
-                self.buffers.logits = logits
-            self.graphs[bucket] = graph
-        torch.cuda.synchronize()
-        used = (free_before - torch.cuda.mem_get_info()[0]) / (1 << 20)
-        log.info("captured %d mixed-step graphs (%d..%d tokens, %d sequences) in %.0f MiB", len(self.graphs),
-                 self.buckets[0], self.buckets[-1], self.max_seqs, used)
+        self.graphs, self.buffers.logits = capture_buckets(
+            self.buckets, lambda bucket, out: padded_forward(self.model, self.buffers, bucket, out), pool,
+            "mixed-step")
 
     def fits(self, num_tokens: int, num_seqs: int) -> bool:
         """Whether a graph holds the step: its tokens within the largest bucket and its sequences
