@@ -44,9 +44,7 @@ class MixedBuffers:
     """The graphs' static inputs on the device and their pinned host mirrors."""
 
     token_rows: torch.Tensor  # [3, max_tokens] int64: input ids, positions, slot mapping
-    seq_rows: torch.Tensor  # [3, max_seqs + 1] int64: context lengths, query starts, sampled rows' last tokens
-    context_lens: torch.Tensor  # [max_seqs] int32, query_start_loc [max_seqs + 1] int32: cast from seq_rows
-    query_start_loc: torch.Tensor
+    seq_rows: torch.Tensor  # [3, max_seqs + 1] int32: context lengths, query starts, sampled rows' last tokens
     block_tables: torch.Tensor  # [max_seqs, max_blocks_per_seq] int32
     block_tables_packed: torch.Tensor  # this step's [rows, width] tables, packed
     host_token_rows: torch.Tensor
@@ -62,17 +60,28 @@ class MixedBuffers:
         token_rows = torch.zeros((3, max_tokens), dtype=torch.int64, device=device)
         token_rows[2] = -1
         return cls(
-            token_rows, torch.zeros((3, max_seqs + 1), dtype=torch.int64, device=device),
-            torch.zeros(max_seqs, dtype=torch.int32, device=device),
-            torch.zeros(max_seqs + 1, dtype=torch.int32, device=device),
+            token_rows, torch.zeros((3, max_seqs + 1), dtype=torch.int32, device=device),
             torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device),
             torch.zeros(max_seqs * max_blocks, dtype=torch.int32, device=device),
-            pinned(3, max_tokens), pinned(3, max_seqs + 1), pinned(max_seqs * max_blocks, dtype=torch.int32),
+            pinned(3, max_tokens), pinned(3, max_seqs + 1, dtype=torch.int32),
+            pinned(max_seqs * max_blocks, dtype=torch.int32),
         )
 
     @property
     def max_seqs(self) -> int:
-        return self.context_lens.shape[0]
+        return self.seq_rows.shape[1] - 1
+
+    @property
+    def context_lens(self) -> torch.Tensor:
+        return self.seq_rows[0, :-1]  # the kernels' int32 lengths, a contiguous row of seq_rows
+
+    @property
+    def query_start_loc(self) -> torch.Tensor:
+        return self.seq_rows[1]
+
+    @property
+    def last_tokens(self) -> torch.Tensor:
+        return self.seq_rows[2, :-1]
 
     def load(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
              context_lens: np.ndarray, query_start_loc: np.ndarray, last_tokens: np.ndarray,
@@ -84,9 +93,6 @@ class MixedBuffers:
         self.token_rows.copy_(self.host_token_rows, non_blocking=True)
         self.seq_rows.copy_(self.host_seq_rows, non_blocking=True)
         copy_block_tables(block_tables, self.host_block_tables, self.block_tables_packed, self.block_tables)
-        # Inside the graph the kernels read int32 lengths and offsets: cast on the device, outside it.
-        self.context_lens.copy_(self.seq_rows[0, :-1])
-        self.query_start_loc.copy_(self.seq_rows[1])
 
 
 def stage_mixed_rows(tokens: np.ndarray, seqs: np.ndarray, input_ids: np.ndarray, positions: np.ndarray,
@@ -119,7 +125,7 @@ def padded_forward(model: LlamaForCausalLM, buffers: MixedBuffers, bucket: int,
                                  b.query_start_loc[: rows + 1], is_decode=False)
     with forward_context(metadata):
         hidden = model(b.token_rows[0, :bucket], b.token_rows[1, :bucket])
-    return model.compute_logits(hidden[b.seq_rows[2, :rows]], None if out is None else out[:rows])
+    return model.compute_logits(hidden[b.last_tokens[:rows]], None if out is None else out[:rows])
 
 
 class MixedGraphs:
