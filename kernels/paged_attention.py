@@ -331,6 +331,7 @@ def _store_split_and_merge_last(
         tl.store(counter, 0)
 
 
+@functools.cache
 def _merge_shape(group: int, head_dim: int, num_splits: int) -> dict[str, int]:
     """Tile sizes of the merge in the decode kernel: the group's heads rounded up to a power of two,
     every split's log-sum-exp at once, and up to 8 splits' outputs per step, as many as keep the
