@@ -61,7 +61,7 @@ class ModelRunner:
         self.timing = dict.fromkeys(("prepare", "launch", "sample", "gpu_wait"), 0.0)
         model.bind_kv_cache(cache.gpu_pool)
 
-    def capture_graphs(self, max_batch: int, mixed_max_tokens: int = 0, max_seqs: int = 0) -> None:
+    def capture_graphs(self, max_batch: int, mixed_max_tokens: int, max_seqs: int) -> None:
         """Record decode steps of up to max_batch sequences as CUDA graphs (CUDA devices only), and with
         mixed_max_tokens, mixed steps of up to that many tokens over up to max_seqs sequences."""
         pool = torch.cuda.graph_pool_handle()  # one pool for all: no two graphs replay at once
