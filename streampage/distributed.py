@@ -141,9 +141,12 @@ def init_tensor_parallel(device: torch.device, timeout: timedelta) -> TensorPara
     return state
 
 
-def shutdown_tensor_parallel() -> None:
-    """Back to one rank: destroy every group (call it after the other ranks exited or were killed, so
-    no collective is left waiting)."""
+def shutdown_tensor_parallel(abandoned: bool = False) -> None:
+    """Back to one rank: destroy every group. NCCL's tear-down is collective within a machine: every rank
+    calls this together, rank 0 right after sending the shutdown message. abandoned: a rank is dead or
+    hung, so the device group is aborted first (local), leaving nothing collective to wait for."""
+    if abandoned:
+        abort_device_group()
     init_tp(TensorParallelState())
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -142,7 +142,7 @@ def test_ranks_launched_torchrun_style_join_rank_zero(llama, monkeypatch):
 
 
 def _start(path: Path, **options) -> tuple[LLM, subprocess.Popen]:
-    llm = LLM(str(path), num_gpu_blocks=64, tensor_parallel_size=2, **ENGINE, **options)
+    llm = LLM(str(path), num_gpu_blocks=64, tensor_parallel_size=2, **{**ENGINE, **options})
     (rank1,) = llm.engine.executor.processes
     return llm, rank1
 
@@ -156,7 +156,11 @@ def _generate_until_it_fails(llm: LLM) -> None:
 
 @pytest.mark.slow
 def test_a_killed_rank_fails_the_engine_within_seconds_and_leaves_no_process(llama):
-    llm, rank1 = _start(llama)
+    _fails_within_seconds_when_rank_one_is_killed(llama)
+
+
+def _fails_within_seconds_when_rank_one_is_killed(llama: Path, **options) -> None:
+    llm, rank1 = _start(llama, **options)
     killed_at: list[float] = []
 
     def kill() -> None:
@@ -356,3 +360,26 @@ def test_two_gpus_in_bf16_give_the_same_tokens_from_graphs_and_eager(llama):
         finally:
             llm.shutdown()
     assert results[0] == results[1]
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_two_gpus_a_killed_rank_fails_the_engine_within_seconds(llama):
+    """NCCL's tear-down is collective: with rank 1 killed mid-generation, rank 0 aborts its communicators
+    instead of waiting for a dead peer, and the process can start another engine."""
+    _fails_within_seconds_when_rank_one_is_killed(llama, device="cuda", dtype="bfloat16")
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_two_gpus_shut_down_cleanly_twice_in_one_process(llama):
+    """The orderly path: every rank destroys its NCCL communicators together, the spawned rank exits by
+    itself (exit code 0, not killed after the grace period), and a second engine starts in this process."""
+    for _ in range(2):
+        started = time.monotonic()
+        llm, rank1 = _start(llama, device="cuda", dtype="bfloat16")
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        llm.shutdown()
+        assert rank1.returncode == 0
+        assert not dist.is_initialized()
+        assert time.monotonic() - started < 60

@@ -124,23 +124,28 @@ class TensorParallelExecutor:
         return result
 
     def shutdown(self) -> None:
-        """Tell every rank to exit, wait for the spawned ones (killing stragglers), destroy the groups.
-        Idempotent; the executor cannot run steps afterwards."""
+        """Tell every rank to exit, destroy the groups together with them, wait for the spawned ones
+        (killing stragglers). Idempotent; the executor cannot run steps afterwards."""
         if self._closed:
             return
         self._stop_monitor()
+        told = False
         try:
             if self.worker is not None and self._keepalive_error is None:
                 self.worker.channel.send(encode(Kind.SHUTDOWN))
+                told = True
         except Exception as exc:  # a rank is already gone: nothing left to tell
             log.warning("tensor-parallel shutdown message failed: %s", exc)
+        healthy = told and not self._device_aborted and not self._dead_ranks()
+        if healthy:  # the ranks destroy theirs on the message; NCCL's tear-down waits for all of them
+            shutdown_tensor_parallel()
         deadline = time.monotonic() + EXIT_GRACE_S
         for process in self.processes:
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
-        self._close()
+        self._close(abandoned=not healthy)
 
     # ---- start-up ------------------------------------------------------------------------------
 
@@ -214,7 +219,7 @@ class TensorParallelExecutor:
             if process.poll() is None:
                 process.kill()
         self._stop_monitor()
-        self._close()
+        self._close(abandoned=True)
         return dead
 
     def _error(self, what: str, cause: Exception | None, dead: list[str]) -> TensorParallelError:
@@ -227,10 +232,10 @@ class TensorParallelExecutor:
         detail = "" if cause is None or isinstance(cause, TensorParallelError) else f"; {type(cause).__name__}: {cause}"
         return TensorParallelError(f"{head}{detail}; the engine cannot continue")
 
-    def _close(self) -> None:
+    def _close(self, abandoned: bool) -> None:
         for process in self.processes:
             process.wait()
-        shutdown_tensor_parallel()
+        shutdown_tensor_parallel(abandoned)
         if self._parent_pipe is not None:
             os.close(self._parent_pipe)
             self._parent_pipe = None

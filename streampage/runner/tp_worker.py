@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
         serve_rank(rendezvous)
     except Exception:
         log.exception("rank %d failed", rendezvous.rank)
+        shutdown_tensor_parallel(abandoned=True)  # rank 0 is gone or failing: nobody to tear down with
         return 1
-    finally:
-        shutdown_tensor_parallel()
+    shutdown_tensor_parallel()  # together with rank 0, which does the same after its shutdown message
     return 0
 
 
