@@ -8,6 +8,7 @@ is set (`streampage.runner.mixed_graphs`); everything else runs eagerly.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -71,6 +72,13 @@ class ModelRunner:
         if mixed_max_tokens:
             self.mixed_graphs = MixedGraphs(self.model, mixed_max_tokens, max_seqs, width, self.device)
             self.mixed_graphs.capture(pool)
+
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs and their memory; later steps run eagerly. Tensor-parallel ranks call this
+        before destroying their groups: NCCL tears a communicator down (destroy or abort) only once every
+        graph that captured its kernels is gone, and waits forever otherwise."""
+        self.graphs = self.mixed_graphs = None
+        gc.collect()  # the graph objects go now, not whenever a reference cycle holding them is collected
 
     def execute(self, out: SchedulerOutput) -> list[RowResult | None]:
         return self.collect(self.launch(out))

@@ -138,7 +138,7 @@ class TensorParallelExecutor:
             log.warning("tensor-parallel shutdown message failed: %s", exc)
         healthy = told and not self._device_aborted and not self._dead_ranks()
         if healthy:  # the ranks destroy theirs on the message; NCCL's tear-down waits for all of them
-            shutdown_tensor_parallel()
+            self._end_groups(abandoned=False)
         deadline = time.monotonic() + EXIT_GRACE_S
         for process in self.processes:
             try:
@@ -146,6 +146,13 @@ class TensorParallelExecutor:
             except subprocess.TimeoutExpired:
                 process.kill()
         self._close(abandoned=not healthy)
+
+    def _end_groups(self, abandoned: bool) -> None:
+        """Release rank 0's CUDA graphs, which hold references to the NCCL communicators, then destroy
+        the groups (a no-op when already done)."""
+        if self.worker is not None and self.worker.runner is not None:
+            self.worker.runner.release_graphs()
+        shutdown_tensor_parallel(abandoned)
 
     # ---- start-up ------------------------------------------------------------------------------
 
@@ -235,7 +242,7 @@ class TensorParallelExecutor:
     def _close(self, abandoned: bool) -> None:
         for process in self.processes:
             process.wait()
-        shutdown_tensor_parallel(abandoned)
+        self._end_groups(abandoned)
         if self._parent_pipe is not None:
             os.close(self._parent_pipe)
             self._parent_pipe = None

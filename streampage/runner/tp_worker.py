@@ -63,7 +63,10 @@ def serve_rank(rendezvous: Rendezvous) -> None:
     worker.load()
     assert isinstance(worker.runner, TensorParallelRunner)
     log.info("loaded; running rank 0's steps")
-    run_steps(worker.runner)
+    try:
+        run_steps(worker.runner)
+    finally:
+        worker.runner.release_graphs()  # before the groups go: NCCL waits for graphs holding its communicators
 
 
 @torch.inference_mode()
