@@ -347,7 +347,7 @@ class PrefillInputs:
         from streampage.kernels import paged_prefill
 
         return functools.partial(paged_prefill, self.q, self.k_cache, self.v_cache, self.tables, self.starts,
-                                 self.lengths, self.tokens, HEAD_DIM**-0.5, out=self.out, **options)
+                                 self.lengths, HEAD_DIM**-0.5, out=self.out, **options)
 
 
 def sdpa_prefill_calls(inputs: PrefillInputs) -> dict[str, Callable[[], torch.Tensor]]:
