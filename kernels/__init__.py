@@ -34,6 +34,7 @@ _EXPORTS = {
     "GEMV_MAX_ROWS": "gemv",
     "GemvConfig": "gemv",
     "gemv_candidates": "gemv",
+    "new_variants": "jit_watch",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -91,7 +91,9 @@ def _update(row_ptr, cols, vocab, m, s, best, idx, inv_temperature, bits, NOISE:
     return m_new, s, tl.where(better, key, best), tl.where(better, cols, idx)
 
 
-@triton.jit
+# The split depends on the row count: its ints stay unspecialised so that every batch size shares one
+# compiled variant (jit_watch.py).
+@triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
 def _sample_kernel(
     logits_ptr, temperature_ptr, seed_ptr, partial_ptr, partial_idx_ptr, token_ptr, logprob_ptr,
     stride_row, stride_temperature, vocab, tiles_per_split, num_splits,
@@ -149,7 +151,7 @@ def _sample_kernel(
         tl.store(partial_idx_ptr + part, idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
     logits_ptr, partial_ptr, partial_idx_ptr, token_ptr, logprob_ptr, stride_row, num_splits,
     SPLITS_PAD: tl.constexpr,
@@ -224,6 +226,6 @@ def sample_tokens(
     if splits > 1:
         _merge_kernel[(num_rows,)](
             logits, partial, partial_idx, tokens, logprobs, logits.stride(0), splits,
-            SPLITS_PAD=next_power_of_2(splits), num_warps=1,
+            SPLITS_PAD=next_power_of_2(tiles), num_warps=1,  # the most splits a row can have: one variant
         )
     return tokens, logprobs

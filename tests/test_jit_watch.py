@@ -1,0 +1,62 @@
+"""kernels.new_variants: the benches' report of Triton kernels built inside a timed run. On the CPU
+(Triton's interpreter builds nothing) the hook's plumbing; on CUDA, that a new batch size builds no
+new variant of the kernels whose launches vary with the step (sampling, paged prefill)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from streampage import kernels
+
+knobs = pytest.importorskip("triton").knobs
+
+
+def test_the_hook_records_each_build_and_is_restored_even_after_an_error() -> None:
+    outer: list[str] = []
+    knobs.runtime.jit_cache_hook = lambda **kwargs: outer.append(kwargs["fn"].name)
+    try:
+        with pytest.raises(RuntimeError), kernels.new_variants() as built:
+            knobs.runtime.jit_cache_hook(fn=SimpleNamespace(name="_prefill_kernel"), key=None)
+            knobs.runtime.jit_cache_hook(fn=SimpleNamespace(name="_sample_kernel"), key=None)
+            raise RuntimeError("the timed run failed")
+        assert built == ["_prefill_kernel", "_sample_kernel"]
+        assert outer == ["_prefill_kernel", "_sample_kernel"]  # a hook installed before still sees them
+        knobs.runtime.jit_cache_hook(fn=SimpleNamespace(name="after"), key=None)
+        assert built == ["_prefill_kernel", "_sample_kernel"] and outer[-1] == "after"
+    finally:
+        knobs.runtime.jit_cache_hook = None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_and_prefill_build_one_variant_for_every_batch_size() -> None:
+    """Sizes 17..256 rows (sampling) and 17..256 sequences (prefill): after the first size, none
+    builds a kernel. A variant per size would compile inside a serving run (session 5 saw seconds of it)."""
+    from test_kernels import build_batch
+
+    vocab = 151936
+    temperature = torch.full((256,), 0.7, device="cuda")
+    seed = torch.tensor([1], dtype=torch.int64, device="cuda")
+    for rows in (17, 256):  # the first size of each variant range builds it
+        kernels.sample_tokens(torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16),
+                              temperature[:rows], seed)
+    with kernels.new_variants() as built:
+        for rows in (18, 33, 64, 100, 129, 255):
+            kernels.sample_tokens(torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16),
+                                  temperature[:rows], seed)
+    assert built == []
+
+    def prefill(num_seqs: int) -> None:
+        batch = build_batch([40] * num_seqs, [3] * num_seqs, block_size=16, q_heads=8, kv_heads=2, head_dim=64,
+                            dtype=torch.bfloat16, device="cuda")
+        kernels.paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc,
+                              batch.context_lens, 0.125)
+
+    prefill(17)
+    with kernels.new_variants() as built:
+        for num_seqs in (18, 40, 100, 200, 256):
+            prefill(num_seqs)
+    assert built == []
