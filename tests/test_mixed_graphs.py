@@ -30,8 +30,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_SIZE = 16
 
 
-def test_token_buckets_double_up_to_the_limit() -> None:
+def test_token_buckets_double_to_512_then_grow_by_512_up_to_the_limit() -> None:
     assert token_buckets(512) == [32, 64, 128, 256, 512]
+    assert token_buckets(2048) == [32, 64, 128, 256, 512, 1024, 1536, 2048]
+    assert token_buckets(1300) == [32, 64, 128, 256, 512, 1024, 1300]
     assert token_buckets(100) == [32, 64, 100]
     assert token_buckets(32) == [32]
     assert token_buckets(8) == [8]
