@@ -97,3 +97,16 @@ def test_async_scheduling_gives_the_same_tokens_with_graphs_and_padding(checkpoi
     """Five prompts of different lengths finish at different steps: graph buckets pad, placeholders
     come from the device, and padding rows must never carry a stale placeholder."""
     assert greedy_tokens(checkpoint, async_scheduling=True) == greedy_tokens(checkpoint, async_scheduling=False)
+
+
+def test_a_started_engine_builds_no_kernel_in_its_first_requests(checkpoint):
+    """The warm-up at start-up built every Triton variant that the first requests need: greedy and
+    sampled rows, one sequence and a batch past 16, prefill and decode."""
+    from streampage import kernels
+
+    llm = LLM(str(checkpoint), dtype="bfloat16", device="cuda", num_gpu_blocks=256)
+    prompts = [[5 + i, 17, 99, 3, 250, 41][: 3 + i % 4] * (1 + i % 3) for i in range(20)]
+    with kernels.new_variants() as built:
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+        llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.8, seed=1), use_tqdm=False)
+    assert built == []

@@ -193,3 +193,23 @@ def test_async_scheduling_gives_the_same_outputs_as_synchronous_steps(checkpoint
         return [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outputs]
 
     assert run(True) == run(False)
+
+
+def test_warm_up_leaves_no_trace(checkpoint):
+    """The start-up warm-up (run on CUDA by `LLMEngine.from_config`, here by hand): tiny greedy and
+    sampled batches that leave no blocks, no prefix-cache entries and zero counters, and change no
+    later output."""
+    fresh = LLM(str(checkpoint), dtype="float32", block_size=8, num_gpu_blocks=128, num_cpu_blocks=64)
+    expected = token_ids(fresh.generate(PROMPTS, greedy(8), use_tqdm=False))
+    warmed = LLM(str(checkpoint), dtype="float32", block_size=8, num_gpu_blocks=128, num_cpu_blocks=64)
+    engine = warmed.engine
+    launch, rows = engine.executor.launch, []
+    engine.executor.launch = lambda out: rows.append(len(out.seqs)) or launch(out)
+    engine.warm_up()
+    engine.executor.launch = launch
+    assert max(rows) == 17 and 1 in rows  # a batch of one, then one past 16 sequences
+    assert_pool_empty(engine)
+    stats = engine.stats()
+    assert stats.kv_blocks_cached == 0
+    assert (stats.steps_total, stats.prompt_tokens_total, stats.generation_tokens_total) == (0, 0, 0)
+    assert token_ids(warmed.generate(PROMPTS, greedy(8), use_tqdm=False)) == expected

@@ -21,7 +21,7 @@ from streampage.engine.scheduler import Scheduler, SchedulerOutput
 from streampage.outputs import EngineStats, TokenLogprobs
 from streampage.runner.step_types import RowResult
 from streampage.runner.tp_executor import TensorParallelExecutor
-from streampage.runner.worker import Worker, WorkerInfo
+from streampage.runner.worker import Worker, WorkerInfo, resolve_device
 from streampage.sampling_params import SamplingParams
 
 
@@ -55,6 +55,9 @@ class RequestDelta:
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+
+
+WARM_UP_SEQS = 17  # one past paged_prefill's first variant (kernels/paged_attention.py, _seqs_pad)
 
 
 def _shutdown(executor: Executor) -> None:
@@ -109,11 +112,33 @@ class LLMEngine:
             engine = cls(config, executor, num_gpu_blocks=info.num_gpu_blocks, num_cpu_blocks=info.num_cpu_blocks,
                          max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids,
                          vocab_size=info.vocab_size)
+            if resolve_device(config.model.device).type == "cuda":
+                engine.warm_up()
         except Exception:
             _shutdown(executor)
             raise
         freeze_long_lived_objects()
         return engine, info
+
+    def warm_up(self) -> None:
+        """Run tiny requests down the eager paths a first real step can take, so that their Triton
+        kernel variants are built now and not inside the first requests' time to first token (a
+        compile costs about a second): a greedy batch of one sequence, then a sampled batch past 16
+        sequences (`paged_prefill` has one variant up to 16 and one up to 256). The decode graphs were
+        built at capture. Leaves nothing behind: prompts shorter than a block put nothing in the
+        prefix cache, every block is freed, and the counters start from zero."""
+        seeds = min(WARM_UP_SEQS, self.config.scheduler.max_num_seqs)
+        batches = [[SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)],
+                   [SamplingParams(max_tokens=2, temperature=1.0, seed=i, ignore_eos=True) for i in range(seeds)]]
+        prompt = [1] * max(1, min(self.kv.block_size, self.max_model_len) - 3)  # with 2 tokens out: no full block
+        for b, batch in enumerate(batches):
+            for i, params in enumerate(batch):
+                self.add_request(f"streampage-warm-up-{b}-{i}", prompt, params)
+            while self.has_unfinished_requests():
+                self.step()
+        self.prompt_tokens_total = self.generation_tokens_total = self.cached_prompt_tokens_total = 0
+        self.steps_total = 0
+        self.timing = dict.fromkeys(self.timing, 0.0)
 
     # Executors with processes of their own (tensor parallelism) also have shutdown() and check_health().
 
