@@ -61,6 +61,10 @@ class PrefillConfig:
     # Cap on registers per thread. 128 lets two 8-warp programs share an SM, so one's softmax runs
     # while the other's MMAs do (Triton cannot overlap the two inside one program).
     maxnreg: int | None = None
+    # Launch order. False: every KV head of a tile, then the next tile, so the programs running at once
+    # read all heads' keys of one sequence (tens of MB at 8k tokens, more than L2 holds once two
+    # sequences overlap). True: every tile of one KV head first, a few MB of keys at a time.
+    heads_outer: bool = False
 
     def shared_bytes(self, head_dim: int, itemsize: int) -> int:
         """Shared memory of the tiles: Q plus num_stages K and V tiles in flight."""
@@ -509,14 +513,16 @@ def _prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_DIAG: tl.constexpr, SAME_KV_LAYOUT: tl.constexpr,
     Q_IN_REGISTERS: tl.constexpr, DOT_PRECISION: tl.constexpr, SEQS_POW2: tl.constexpr,
+    HEADS_OUTER: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
-    kv_head = tl.program_id(0)
+    TILE_AXIS: tl.constexpr = 0 if HEADS_OUTER else 1
+    kv_head = tl.program_id(1 - TILE_AXIS)
     # The grid covers an upper bound of the batch's tiles that depends only on tensor shapes, so a
     # CUDA graph of a mixed step replays with any split of its tokens into chunks. Numbered from the
     # end: a sequence's late tiles see the most keys, so they start first.
-    seq, tile = _tile_owner(query_start_loc_ptr, num_seqs, tl.num_programs(1) - 1 - tl.program_id(1),
-                            TOKENS, SEQS_POW2)
+    seq, tile = _tile_owner(query_start_loc_ptr, num_seqs,
+                            tl.num_programs(TILE_AXIS) - 1 - tl.program_id(TILE_AXIS), TOKENS, SEQS_POW2)
     if seq >= num_seqs:
         return
     q_begin = tl.load(query_start_loc_ptr + seq)
@@ -599,7 +605,8 @@ def paged_prefill(
     block_m = max(cfg.block_m, group_pad, 16)
     # Sequence i has cdiv(q_len_i, tokens per tile) tiles: at most cdiv(num_tokens, tokens per tile)
     # plus one partial tile per sequence in all.
-    grid = (num_kv_heads, cdiv(q.shape[0], block_m // group_pad) + num_seqs)
+    tiles = cdiv(q.shape[0], block_m // group_pad) + num_seqs
+    grid = (tiles, num_kv_heads) if cfg.heads_outer else (num_kv_heads, tiles)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
         scale * _LOG2E, num_seqs,
@@ -610,7 +617,7 @@ def paged_prefill(
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_N_DIAG=min(cfg.block_n, cfg.block_n_diag),
         SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
         Q_IN_REGISTERS=cfg.q_in_registers, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        SEQS_POW2=_seqs_pad(num_seqs),
+        SEQS_POW2=_seqs_pad(num_seqs), HEADS_OUTER=cfg.heads_outer,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out

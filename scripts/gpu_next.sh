@@ -3,7 +3,7 @@
 # archive (a call returns at most 8 files).
 #   1. GPU tests: the engine (mixed-step graphs against eager tokens among them), the kernels, and the
 #      check that sampling and paged prefill build one kernel variant for every batch size;
-#   2. the kernel table (prefill after the chunk-bounds padding; paging; decode);
+#   2. the kernel table with the prefill config sweep (the heads-outer launch order among it);
 #   3. the nano-vllm workload on the Qwen3-0.6B shape on a cold Triton cache, then warm, then with
 #      mixed-step graphs of 2,048 and 4,096 tokens: tokens/s, host ms per step, and the kernel variants
 #      each timed run built (session 5 saw eager 'launch' at 4.5 ms per step on a cold cache against
@@ -20,8 +20,10 @@ echo "gpu tests: $(tail -1 $OUT/next/gpu_tests.log)" | tee -a $S
 timeout 60 python3 -m pytest -q -x tests/test_mixed_graphs.py tests/test_kernels.py -k "prefill or padded" \
     > $OUT/next/cuda_tests.log 2>&1  # unmarked tests that run on CUDA when it is there
 echo "prefill and padded-forward tests on CUDA: $(tail -1 $OUT/next/cuda_tests.log)" | tee -a $S
-timeout 60 python3 -m streampage.cli bench kernels --no-flex --output $OUT/next/kernels.json > $OUT/next/kernels.log 2>&1
+timeout 120 python3 -m streampage.cli bench kernels --no-flex --prefill-sweep --output $OUT/next/kernels.json \
+    > $OUT/next/kernels.log 2>&1  # the sweep includes the heads-outer launch order (8k x 4 was 0.67x SDPA)
 grep -A8 "^     shape splits\|^ tokens seqs" $OUT/next/kernels.log | tee -a $S
+grep -i "heads-outer\|best" $OUT/next/kernels.log | head -20 | tee -a $S
 export TRITON_CACHE_DIR=/tmp/triton-tput
 for run in "cold 0" "warm 0" "graphs2048 2048" "graphs4096 4096"; do
   set -- $run

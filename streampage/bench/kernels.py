@@ -493,16 +493,19 @@ def prefill_candidates() -> list[PrefillConfig]:
         PrefillConfig(128, 64, 8, 2, maxnreg=128),
         PrefillConfig(128, 32, 8, 3, maxnreg=128),
         PrefillConfig(128, 32, 8, 4, maxnreg=128),
+        PrefillConfig(128, 128, 8, 3, heads_outer=True),
+        PrefillConfig(128, 64, 8, 3, heads_outer=True),
     ]
 
 
 def config_name(cfg: PrefillConfig) -> str:
     """Compact label of a PrefillConfig: '128x128 w8 s3', then ' d64' (diagonal tiles narrower than
-    block_n), ' qreg' and ' r128' where they apply."""
+    block_n), ' qreg', ' r128' and ' heads-outer' where they apply."""
     name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
     if cfg.block_n_diag < cfg.block_n:
         name += f" d{cfg.block_n_diag}"
-    return name + (" qreg" if cfg.q_in_registers else "") + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
+    return (name + (" qreg" if cfg.q_in_registers else "") + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
+            + (" heads-outer" if cfg.heads_outer else ""))
 
 
 def prefill_sweep(reps: int, baseline: list[dict[str, Any]]) -> list[dict[str, Any]]:
