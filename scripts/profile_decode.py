@@ -3,7 +3,7 @@ spent in kernels (a gap means the GPU waited for the host), the top kernels, and
 that took longest (a long cudaStreamSynchronize or cudaMemcpy means the host waited for the GPU).
 
     python3 scripts/profile_decode.py MODEL_OR_SHAPE BATCH [BATCH...] [--timeline N] [ENGINE OPTIONS,
-        e.g. --no-async-scheduling --decode-gemv --programmatic-launch]
+        e.g. --no-async-scheduling --decode-gemv row-parallel --programmatic-launch]
 
 `--mixed N` adds a request with an N-token prompt before every step, so each step prefills one prompt
 beside the decode rows and runs eagerly (no CUDA graph): is such a step bound by the host's launches?

@@ -101,6 +101,7 @@ class ParallelConfig:
 
 # Above a few thousand tokens a mixed step's device time dwarfs its launches: graphs would only cost memory.
 MAX_MIXED_GRAPH_TOKENS = 4096
+DECODE_GEMV_CHOICES = ("off", "all", "row-parallel")
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,11 @@ class RunnerConfig:
     max_graph_batch_size: int | None = None  # None: max_num_seqs
     # Decode kernels on CUDA (docs/kernels.md): programmatic dependent launch of the Triton kernels
     # (Hopper+: each starts under the previous one's tail; on by default since it measured faster on
-    # the H200), and projections of 1-8 rows through the Triton split-K GEMV instead of cuBLAS (off:
-    # no faster than cuBLAS inside the model).
+    # the H200), and which projections of 1-8 rows take the Triton split-K GEMV instead of cuBLAS:
+    # "off", "all", or "row-parallel" (the O and down projections, where cuBLAS at one row leaves the
+    # most bandwidth unused; QKV and gate/up stay with cuBLAS). Off until the H200 shows a gain.
     programmatic_launch: bool = True
-    decode_gemv: bool = False
+    decode_gemv: str = "off"
     # Mixed steps (prompt chunks beside decode rows) of at most this many tokens replay CUDA graphs
     # (`runner/mixed_graphs.py`) instead of launching every kernel from Python; 0 = eager. Off until
     # the H200 shows what it pays.
@@ -121,6 +123,8 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.max_graph_batch_size is not None and self.max_graph_batch_size < 1:
             raise ConfigError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
+        if self.decode_gemv not in DECODE_GEMV_CHOICES:
+            raise ConfigError(f"decode_gemv must be one of {', '.join(DECODE_GEMV_CHOICES)}, got {self.decode_gemv!r}")
         if not 0 <= self.mixed_graph_max_tokens <= MAX_MIXED_GRAPH_TOKENS:
             raise ConfigError(f"mixed_graph_max_tokens must be in [0, {MAX_MIXED_GRAPH_TOKENS}], "
                               f"got {self.mixed_graph_max_tokens}")

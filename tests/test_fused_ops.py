@@ -213,9 +213,9 @@ def prefill_then_decode(layer: LlamaDecoderLayer, rotary: RotaryEmbedding, dtype
 def decode_kernels(request):
     """The decode step's projections by cuBLAS, or by the split-K GEMV with every Triton kernel of
     the step launched with PDL (the runner's decode_gemv and programmatic_launch options)."""
-    layers.configure_decode_kernels(programmatic_launch=request.param, decode_gemv=request.param)
+    layers.configure_decode_kernels(programmatic_launch=request.param, decode_gemv="all" if request.param else "off")
     yield request.param
-    layers.configure_decode_kernels(programmatic_launch=False, decode_gemv=False)
+    layers.configure_decode_kernels(programmatic_launch=False, decode_gemv="off")
 
 
 @pytest.mark.gpu

@@ -86,10 +86,11 @@ def test_programmatic_launch_gives_the_same_tokens(checkpoint):
     assert greedy_tokens(checkpoint, programmatic_launch=False) == greedy_tokens(checkpoint, programmatic_launch=True)
 
 
-def test_bf16_decode_through_the_gemv_with_programmatic_launch_runs_to_the_end(checkpoint):
+@pytest.mark.parametrize("gemv", ["all", "row-parallel"])
+def test_bf16_decode_through_the_gemv_with_programmatic_launch_runs_to_the_end(checkpoint, gemv):
     """bf16 with both decode options: every request produces its tokens and frees its blocks (the
     numerics are checked layer by layer in tests/test_fused_ops.py)."""
-    tokens = greedy_tokens(checkpoint, dtype="bfloat16", decode_gemv=True, programmatic_launch=True)
+    tokens = greedy_tokens(checkpoint, dtype="bfloat16", decode_gemv=gemv, programmatic_launch=True)
     assert [len(t) for t in tokens] == [24] * len(PROMPTS)
 
 

@@ -37,25 +37,28 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-# Process-wide, set when a worker loads its model (`configure_decode_kernels`).
-_decode_gemv = False
+# Process-wide, set when a worker loads its model (`configure_decode_kernels`): which projections
+# take the GEMV, column-parallel ones (QKV, gate/up) and row-parallel ones (O, down).
+_gemv_for = {"column": False, "row": False}
 
 
-def configure_decode_kernels(*, programmatic_launch: bool, decode_gemv: bool) -> None:
+def configure_decode_kernels(*, programmatic_launch: bool, decode_gemv: str) -> None:
     """The runner options of the same names, for every model of this process: PDL launches of the
     decode path's Triton kernels (`streampage.kernels.pdl`), and the split-K GEMV for projections of
-    1 to GEMV_MAX_ROWS rows (the decode graphs of batch 1-8)."""
-    global _decode_gemv
-    _decode_gemv = decode_gemv
+    1 to GEMV_MAX_ROWS rows (the decode graphs of batch 1-8): "off", "all" or "row-parallel"."""
+    _gemv_for["column"] = decode_gemv == "all"
+    _gemv_for["row"] = decode_gemv in ("all", "row-parallel")
     from streampage.kernels import pdl  # Triton loads here, not when the model package is imported
 
     pdl.enable(programmatic_launch)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           kind: str = "column") -> torch.Tensor:
     """F.linear, or `kernels.skinny_linear` for a 16-bit decode batch of at most GEMV_MAX_ROWS rows when
-    the GEMV is on (it streams the weight once whatever the rows; cuBLAS is latency-bound there)."""
-    if (_decode_gemv and use_triton(x) and x.dtype in (torch.float16, torch.bfloat16)
+    the GEMV is on for this kind of projection ("column" or "row" parallel; it streams the weight once
+    whatever the rows, where cuBLAS is latency-bound)."""
+    if (_gemv_for[kind] and use_triton(x) and x.dtype in (torch.float16, torch.bfloat16)
             and 1 <= x.shape[0] <= kernels.GEMV_MAX_ROWS):
         return kernels.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -178,8 +181,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
-            return linear(x, self.weight, self.bias)
-        y = tp_all_reduce(linear(x, self.weight))
+            return linear(x, self.weight, self.bias, kind="row")
+        y = tp_all_reduce(linear(x, self.weight, kind="row"))
         return y if self.bias is None else y + self.bias
 
 
