@@ -214,18 +214,21 @@ def _split_span(context_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
 @triton.jit(do_not_specialize=["num_splits", "min_split_len"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
-    qk_scale, num_splits, min_split_len,
+    row_order_ptr, qk_scale, num_splits, min_split_len,
     stride_q_s, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     stride_bt_s, stride_o_s, stride_o_h, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
     GROUP_POW2: tl.constexpr = 1, SPLITS_PAD: tl.constexpr = 1, SPLIT_CHUNK: tl.constexpr = 1,
+    ORDERED: tl.constexpr = False,
 ):
     # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
     # together they read each page of the pool whole.
     wait_for_previous_kernel(PDL)
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
+    if ORDERED:  # the caller's launch order of the rows (longest first: none is left running alone)
+        seq = tl.load(row_order_ptr + seq).to(tl.int64)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     # Split boundaries are whole tiles. A split past the sequence's last one has an empty range and
@@ -353,7 +356,7 @@ def paged_decode(
     context_lens: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
     num_splits: int | None = None, max_context_len: int | None = None,
     workspace: DecodeWorkspace | None = None, config: DecodeConfig | None = None,
-    min_split_len: int | None = None,
+    min_split_len: int | None = None, row_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence (q: [num_seqs, q_heads, head_dim]) over its paged KV.
 
@@ -365,6 +368,11 @@ def paged_decode(
     (default `min_split_tokens`; whole tiles either way): in a batch of mixed lengths (a graph sized by
     `graph_split_plan`) long sequences use every split and short ones fewer, down to one, which
     writes its output without the merge.
+
+    row_order (int32 [num_seqs], a permutation of the rows, read on the device): the order in which
+    programs take the rows. The GPU starts programs in launch order, so rows longest first keep a few
+    long sequences from running alone at the end of a batch of mixed lengths. Results do not depend
+    on it.
     """
     group, group_pad, head_dim = _check(q, k_cache, v_cache)
     num_seqs, num_q_heads = q.shape[0], q.shape[1]
@@ -395,6 +403,7 @@ def paged_decode(
     pl_strides = part_lse.stride() if num_splits > 1 else (0, 0)
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, counters,
+        context_lens if row_order is None else row_order,  # read only when ORDERED
         scale * _LOG2E, num_splits, min_split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -402,6 +411,7 @@ def paged_decode(
         po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1],
         GROUP=group, GROUP_PAD=max(group_pad, 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
+        ORDERED=row_order is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_merge_shape(group, head_dim, num_splits),
         **launch_options(q.device),
     )

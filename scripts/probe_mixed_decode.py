@@ -57,17 +57,20 @@ def mixed_decode(timer: Timer, bandwidth: float) -> None:
 
 
 def longest_first(timer: Timer, bandwidth: float) -> None:
-    print("\ngraph plan, contexts uniform in [100, 2048]: rows in random order against longest first")
-    print(f"{'batch':>6} {'random':>16} {'longest first':>16}")
+    print("\ngraph plan, contexts uniform in [100, 2048]: rows in random order, rows sorted longest first, "
+          "and random rows launched longest first (paged_decode's row_order, what --decode-longest-first does)")
+    print(f"{'batch':>6} {'random':>16} {'sorted rows':>16} {'row_order':>16}")
     generator = torch.Generator().manual_seed(1)
     for batch in (16, 64, 128, 256):
         lengths = torch.randint(100, MAX_CONTEXT + 1, (batch,), generator=generator)
         kv_bytes = 2 * int(lengths.sum()) * KV_HEADS * HEAD_DIM * DTYPE.itemsize
         inputs = DecodeInputs(batch, MAX_CONTEXT)
+        row_order = lengths.argsort(descending=True, stable=True).to(torch.int32).cuda()
         cells = []
-        for order in (lengths, lengths.sort(descending=True).values):
+        for order, options in ((lengths, {}), (lengths.sort(descending=True).values, {}),
+                               (lengths, {"row_order": row_order})):
             inputs.lengths = order.to(torch.int32).cuda()
-            us = time_decode(timer, inputs, graph_splits(batch))
+            us = time_decode(timer, inputs, graph_splits(batch), **options)
             cells.append(f"{us:8.1f} {kv_bytes / us / 1e6 / bandwidth:6.1%}")
         print(f"{batch:>6} " + " ".join(f"{c:>16}" for c in cells))
         del inputs

@@ -115,6 +115,9 @@ class RunnerConfig:
     # most bandwidth unused; QKV and gate/up stay with cuBLAS). Off until the H200 shows a gain.
     programmatic_launch: bool = True
     decode_gemv: str = "off"
+    # Decode graphs launch attention over the rows longest first, so that in a batch of mixed context
+    # lengths a few long sequences do not run alone at the end. Off until the H200 shows a gain.
+    decode_longest_first: bool = False
     # Mixed steps (prompt chunks beside decode rows) of at most this many tokens replay CUDA graphs
     # (`runner/mixed_graphs.py`) instead of launching every kernel from Python; 0 = eager. Off until
     # the H200 shows what it pays.

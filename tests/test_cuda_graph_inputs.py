@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from streampage.runner.cuda_graphs import graph_buckets, stage_decode_rows
+from streampage.runner.cuda_graphs import DecodeBuffers, graph_buckets, stage_decode_rows
 
 
 def test_buckets_cover_every_batch_size_up_to_the_maximum():
@@ -25,3 +26,18 @@ def test_padding_rows_never_keep_a_stale_placeholder():
     assert tokens[1, 3:].tolist() == [0] * 5
     assert tokens[2].tolist() == [1, 2, 3, -1, -1, -1, -1, -1]  # padding writes nowhere
     assert lens.tolist() == [10, 10, 10, 0, 0, 0, 0, 0]  # ... and attends to nothing
+
+
+def test_longest_first_stages_the_rows_by_context_length_with_padding_last():
+    """Decode graphs with `decode_longest_first`: each step writes the rows' launch order, longest
+    first, ties in row order, padding rows (context 0) after every real row; the graphs read it
+    through the attention metadata."""
+    buffers = DecodeBuffers.allocate(8, 4, torch.device("cpu"), longest_first=True)
+    tables = np.zeros((3, 4), dtype=np.int32)
+    buffers.load(np.array([1, 2, 3]), np.array([4, 39, 16]), np.array([0, 1, 2]), np.array([5, 40, 17]),
+                 tables, bucket=4)
+    assert buffers.row_order[:4].tolist() == [1, 2, 0, 3]
+    assert buffers.metadata(4, decode_splits=1).decode_row_order.tolist() == [1, 2, 0, 3]
+    buffers.load(np.array([1, 2]), np.array([8, 8]), np.array([0, 1]), np.array([9, 9]), tables[:2], bucket=2)
+    assert buffers.row_order[:2].tolist() == [0, 1]
+    assert DecodeBuffers.allocate(8, 4, torch.device("cpu")).metadata(4, 1).decode_row_order is None

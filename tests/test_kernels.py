@@ -165,6 +165,22 @@ def test_decode_min_split_len_balances_mixed_lengths(min_split) -> None:
         assert all_zero(), "the last split of a row must put its arrival counter back to zero"
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_rows_taken_in_any_launch_order_give_the_same_outputs(num_splits) -> None:
+    """row_order only changes which program takes which row: longest first, a shuffle and the
+    identity give each row the output it has without an order (and the reference's)."""
+    lengths = [5, 70, 0, 33, 17, 49]
+    batch = build_batch(lengths, [1] * 6, q_heads=8, kv_heads=2, head_dim=64, block_size=8, dtype=torch.float32)
+    plain, expected = run_decode(batch, num_splits=num_splits, config=SMALL_DECODE)
+    assert_matches(plain, expected, TOLERANCE[torch.float32], "decode without an order")
+    longest_first = sorted(range(6), key=lambda i: -lengths[i])
+    for order in (longest_first, [3, 0, 5, 1, 4, 2], list(range(6))):
+        rows = torch.tensor(order, dtype=torch.int32, device=DEVICE)
+        actual, _ = run_decode(batch, num_splits=num_splits, config=SMALL_DECODE, row_order=rows)
+        torch.testing.assert_close(actual, plain, rtol=0, atol=0, msg=f"order {order}")
+        assert all_zero()
+
+
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(8, 2), (8, 1), (4, 4)])
 def test_decode_merges_many_splits_in_chunks(q_heads, kv_heads) -> None:
     """Up to 13 splits of one row merged by the last to finish, several SPLIT_CHUNK steps of the

@@ -27,6 +27,9 @@ class AttentionMetadata:
     # Decode only: how many KV splits per sequence the attention kernel launches; None = sized for
     # this batch. Decode graphs fix it at capture (`streampage.kernels.graph_split_plan`).
     decode_splits: int | None = None
+    # Decode only, CUDA: a permutation of the rows, the order in which the attention kernel's programs
+    # take them (longest first in decode graphs with `decode_longest_first`); None = row order.
+    decode_row_order: torch.Tensor | None = None
 
 
 _current: AttentionMetadata | None = None

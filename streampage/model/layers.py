@@ -359,7 +359,7 @@ class Attention(nn.Module):
         if metadata.is_decode:
             return kernels.paged_decode(
                 q, self.k_cache, self.v_cache, metadata.block_tables, metadata.context_lens, scale=self.scale,
-                num_splits=metadata.decode_splits,
+                num_splits=metadata.decode_splits, row_order=metadata.decode_row_order,
             )
         return kernels.paged_prefill(
             q, self.k_cache, self.v_cache, metadata.block_tables, metadata.query_start_loc,

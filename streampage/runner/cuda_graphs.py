@@ -47,19 +47,28 @@ class DecodeBuffers:
     host_context_lens: torch.Tensor
     host_block_tables: torch.Tensor
     logits: torch.Tensor | None = None  # [max_batch, vocab] in the model's dtype, written by the graphs
+    # With longest-first decode: [max_batch] int32, the rows by context length, longest first (the
+    # attention kernel's launch order), and its pinned mirror.
+    row_order: torch.Tensor | None = None
+    host_row_order: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, max_batch: int, max_blocks: int, device: torch.device) -> DecodeBuffers:
+    def allocate(cls, max_batch: int, max_blocks: int, device: torch.device,
+                 longest_first: bool = False) -> DecodeBuffers:
         token_rows = torch.zeros((3, max_batch), dtype=torch.int64, device=device)
         token_rows[2] = -1
+        pin = device.type == "cuda"  # CPU: tests of the staging
+        order = torch.arange(max_batch, dtype=torch.int32)
         return cls(
             token_rows, torch.zeros(max_batch, dtype=torch.int32, device=device),
             torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=device),
             torch.zeros(max_batch * max_blocks, dtype=torch.int32, device=device),
             torch.arange(max_batch + 1, dtype=torch.int32, device=device),
-            torch.zeros((3, max_batch), dtype=torch.int64, pin_memory=True),
-            torch.zeros(max_batch, dtype=torch.int32, pin_memory=True),
-            torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=True),
+            torch.zeros((3, max_batch), dtype=torch.int64, pin_memory=pin),
+            torch.zeros(max_batch, dtype=torch.int32, pin_memory=pin),
+            torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=pin),
+            row_order=order.to(device) if longest_first else None,
+            host_row_order=(order.pin_memory() if pin else order.clone()) if longest_first else None,
         )
 
     @property
@@ -73,7 +82,8 @@ class DecodeBuffers:
     def metadata(self, bucket: int, decode_splits: int) -> AttentionMetadata:
         return AttentionMetadata(self.token_rows[2, :bucket], self.block_tables[:bucket], self.context_lens[:bucket],
                                  self.query_start_loc[: bucket + 1], is_decode=True,
-                                 decode_splits=decode_splits)
+                                 decode_splits=decode_splits,
+                                 decode_row_order=None if self.row_order is None else self.row_order[:bucket])
 
     def load(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
              context_lens: np.ndarray, block_tables: np.ndarray, bucket: int) -> None:
@@ -84,6 +94,12 @@ class DecodeBuffers:
         # through pageable memory, which waits for the device).
         self.token_rows.copy_(self.host_token_rows, non_blocking=True)
         self.context_lens.copy_(self.host_context_lens, non_blocking=True)
+        if self.row_order is not None:
+            assert self.host_row_order is not None
+            order = self.host_row_order.numpy()
+            # Stable: equal lengths keep their row order; padding rows (length 0) come last.
+            order[:bucket] = np.argsort(-self.host_context_lens.numpy()[:bucket], kind="stable")
+            self.row_order[:bucket].copy_(self.host_row_order[:bucket], non_blocking=True)
         copy_block_tables(block_tables, self.host_block_tables, self.block_tables_packed, self.block_tables)
 
 
@@ -139,11 +155,11 @@ def capture_buckets(buckets: list[int], forward: Callable[[int, torch.Tensor | N
 
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, max_batch: int, max_blocks_per_seq: int,
-                 device: torch.device) -> None:
+                 device: torch.device, longest_first: bool = False) -> None:
         self.model = model
         self.buckets = graph_buckets(max_batch)
         self.max_batch = max_batch
-        self.buffers = DecodeBuffers.allocate(max_batch, max_blocks_per_seq, device)
+        self.buffers = DecodeBuffers.allocate(max_batch, max_blocks_per_seq, device, longest_first)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._bucket_of = np.searchsorted(np.array(self.buckets), np.arange(max_batch + 1))
         kv_heads = model.attention_layers()[0].num_kv_heads

@@ -62,12 +62,15 @@ class ModelRunner:
         self.timing = dict.fromkeys(("prepare", "launch", "sample", "gpu_wait"), 0.0)
         model.bind_kv_cache(cache.gpu_pool)
 
-    def capture_graphs(self, max_batch: int, mixed_max_tokens: int, max_seqs: int) -> None:
+    def capture_graphs(self, max_batch: int, mixed_max_tokens: int, max_seqs: int,
+                       longest_first: bool = False) -> None:
         """Record decode steps of up to max_batch sequences as CUDA graphs (CUDA devices only), and with
-        mixed_max_tokens, mixed steps of up to that many tokens over up to max_seqs sequences."""
+        mixed_max_tokens, mixed steps of up to that many tokens over up to max_seqs sequences.
+        longest_first: the decode graphs' attention takes rows longest first (`paged_decode`'s
+        row_order)."""
         pool = torch.cuda.graph_pool_handle()  # one pool for all: no two graphs replay at once
         width = self.inputs.mirror.table.shape[1]
-        self.graphs = DecodeGraphs(self.model, max_batch, width, self.device)
+        self.graphs = DecodeGraphs(self.model, max_batch, width, self.device, longest_first)
         self.graphs.capture(pool)
         if mixed_max_tokens:
             self.mixed_graphs = MixedGraphs(self.model, mixed_max_tokens, max_seqs, width, self.device)

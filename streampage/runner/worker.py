@@ -92,7 +92,8 @@ class Worker:
             max_seqs = config.scheduler.max_num_seqs
             max_batch = config.runner.max_graph_batch_size or max_seqs
             mixed_tokens = min(config.runner.mixed_graph_max_tokens, config.scheduler.max_num_batched_tokens)
-            self.runner.capture_graphs(min(max_batch, max_seqs), mixed_tokens, max_seqs)
+            self.runner.capture_graphs(min(max_batch, max_seqs), mixed_tokens, max_seqs,
+                                       config.runner.decode_longest_first)
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB), swap space %d blocks", num_gpu_blocks, block_size,
                  num_gpu_blocks * per_block / (1 << 30), num_cpu_blocks)
         return WorkerInfo(str(model_dir), loaded.shape, max_model_len, num_gpu_blocks, num_cpu_blocks,
