@@ -127,9 +127,10 @@ class LLMEngine:
         sequences (`paged_prefill` has one variant up to 16 and one up to 256). The decode graphs were
         built at capture. Leaves nothing behind: prompts shorter than a block put nothing in the
         prefix cache, every block is freed, and the counters start from zero."""
-        seeds = min(WARM_UP_SEQS, self.config.scheduler.max_num_seqs)
+        # Unseeded: a seeded request takes the PyTorch sampling pipeline, not the Triton sampler.
+        sampled = SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)
         batches = [[SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)],
-                   [SamplingParams(max_tokens=2, temperature=1.0, seed=i, ignore_eos=True) for i in range(seeds)]]
+                   [sampled] * min(WARM_UP_SEQS, self.config.scheduler.max_num_seqs)]
         prompt = [1] * max(1, min(self.kv.block_size, self.max_model_len) - 3)  # with 2 tokens out: no full block
         for b, batch in enumerate(batches):
             for i, params in enumerate(batch):
