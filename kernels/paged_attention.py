@@ -210,8 +210,10 @@ def _split_span(context_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
     return span, tl.maximum(tl.cdiv(context_len, span), 1)
 
 
-# num_splits is fixed per batch-size bucket; not specializing it keeps one compiled variant for all.
-@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
+# Ints that follow the step (split counts and lengths, the block tables' width in eager steps, the
+# partials' strides) stay unspecialised: one compiled variant serves every step (jit_watch.py).
+@triton.jit(do_not_specialize=["num_splits", "min_split_len", "stride_bt_s", "stride_po_s", "stride_pl_s",
+                               "stride_pl_h"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     row_order_ptr, qk_scale, num_splits, min_split_len,
@@ -514,7 +516,9 @@ def _tile_owner(query_start_loc_ptr, num_seqs, tile_id, TOKENS: tl.constexpr, SE
     return seq, tile_id - first
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+# The batch's sequence count and its block tables' width (an eager step's tables are as wide as its
+# longest context) stay unspecialised: one compiled variant serves every step (jit_watch.py).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_s"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
     qk_scale, num_seqs,

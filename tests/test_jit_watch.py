@@ -33,8 +33,9 @@ def test_the_hook_records_each_build_and_is_restored_even_after_an_error() -> No
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sampling_and_prefill_build_one_variant_for_every_batch_size() -> None:
-    """Sizes 17..256 rows (sampling) and 17..256 sequences (prefill): after the first size, none
-    builds a kernel. A variant per size would compile inside a serving run (session 5 saw seconds of it)."""
+    """Sizes 17..256 rows (sampling), 1..256 sequences and block tables of any width (prefill, eager
+    decode): after the first of each variant range, none builds a kernel. A variant per size would
+    compile inside a serving run (session 5 saw seconds of it)."""
     from test_kernels import build_batch
 
     vocab = 151936
@@ -49,14 +50,18 @@ def test_sampling_and_prefill_build_one_variant_for_every_batch_size() -> None:
                                   temperature[:rows], seed)
     assert built == []
 
-    def prefill(num_seqs: int) -> None:
-        batch = build_batch([40] * num_seqs, [3] * num_seqs, block_size=16, q_heads=8, kv_heads=2, head_dim=64,
-                            dtype=torch.bfloat16, device="cuda")
+    def prefill(num_seqs: int, context: int) -> None:
+        """Block tables as wide as the longest context plus one column, like an eager step's."""
+        batch = build_batch([context] * num_seqs, [3] * num_seqs, block_size=16, q_heads=8, kv_heads=2,
+                            head_dim=64, dtype=torch.bfloat16, device="cuda")
         kernels.paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc,
                               batch.context_lens, 0.125)
+        kernels.paged_decode(batch.q[:num_seqs], batch.k_cache, batch.v_cache, batch.block_tables,
+                             batch.context_lens, 0.125, num_splits=3, min_split_len=16)
 
-    prefill(17)
+    prefill(1, 40)
+    prefill(17, 40)
     with kernels.new_variants() as built:
-        for num_seqs in (18, 40, 100, 200, 256):
-            prefill(num_seqs)
+        for num_seqs, context in ((18, 40), (40, 5), (100, 300), (200, 250), (256, 17), (2, 60)):
+            prefill(num_seqs, context)  # table widths 4, 2, 20, 17, 3, 5: strides of every class
     assert built == []
