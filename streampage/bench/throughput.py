@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     print_result(results[0])
     phases = results[0]["ms_per_step"]
     print("streampage host ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
-          + " (execute = prepare + launch + sample; gpu_wait is inside sample)")
+          + " (execute = prepare + launch + sample; gpu_wait, blocked on the device for the tokens, is in process)")
     print_variants(results[0]["kernel_variants_built"])
     save_results(args, workload, results)
     if args.compare == "hf":

@@ -58,7 +58,8 @@ class ModelRunner:
         self._metadata_key: list | None = None  # the rows' requests when the cached metadata was built
         self._metadata: SamplingMetadata | None = None
         self._prev_tokens = torch.empty(0, dtype=torch.int64, device=device)  # the last step's draws
-        # Host seconds per phase, for benchmarks; "gpu_wait" is time blocked on the device (in "sample").
+        # Host seconds per phase, for benchmarks: "prepare", "launch" and "sample" (queueing the sampler)
+        # in `launch`; "gpu_wait", blocked on the device for the sampled tokens, in `collect`.
         self.timing = dict.fromkeys(("prepare", "launch", "sample", "gpu_wait"), 0.0)
         model.bind_kv_cache(cache.gpu_pool)
 
