@@ -213,3 +213,13 @@ def test_warm_up_leaves_no_trace(checkpoint):
     assert stats.kv_blocks_cached == 0
     assert (stats.steps_total, stats.prompt_tokens_total, stats.generation_tokens_total) == (0, 0, 0)
     assert token_ids(warmed.generate(PROMPTS, greedy(8), use_tqdm=False)) == expected
+
+
+def test_the_runner_forgets_finished_requests_sampling_rows(llm):
+    """Each request's sampling row is kept while it runs and dropped once it finishes: after a second
+    batch, only that batch's requests remain (the first's went with the second's first step)."""
+    runner = llm.engine.executor.runner
+    llm.generate(PROMPTS, SamplingParams(max_tokens=3, temperature=0.8, ignore_eos=True), use_tqdm=False)
+    assert len(runner._requests) == len(PROMPTS)
+    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=3, temperature=0.8, ignore_eos=True), use_tqdm=False)
+    assert len(runner._requests) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from streampage.model.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    param_row,
     sample,
 )
 from streampage.sampling_params import SamplingParams
@@ -325,3 +327,20 @@ def test_large_vocabulary_rows_stay_finite() -> None:
     out = sample(logits, build([SamplingParams(temperature=0.01), SamplingParams(temperature=100.0, top_p=0.1)]))
     assert out.token_ids[0] == [123]
     assert all(math.isfinite(lp) for row in out.logprobs for lp in row)
+
+
+def test_packed_param_rows_build_the_same_metadata_as_params():
+    """The runner keeps each request's packed row (`param_row`) and builds from those: every field
+    matches a build from the params themselves."""
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05),
+              SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.2, logprobs=3),
+              SamplingParams(beam_width=3, max_tokens=4)]
+    tokens = {"prompt_token_ids": [[1, 2]] * 4, "output_token_ids": [[3]] * 4}
+    expected = SamplingMetadata.build(params, device="cpu", **tokens)
+    got = SamplingMetadata.build(params, device="cpu", param_rows=[param_row(p) for p in params], **tokens)
+    for field in dataclasses.fields(SamplingMetadata):
+        want, have = getattr(expected, field.name), getattr(got, field.name)
+        if isinstance(want, torch.Tensor):
+            assert torch.equal(have, want), field.name
+        else:
+            assert have == want, field.name

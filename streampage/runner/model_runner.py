@@ -18,7 +18,7 @@ import torch
 
 from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.llama import LlamaForCausalLM
-from streampage.model.sampler import DeviceSample, SamplingMetadata, sample_on_device
+from streampage.model.sampler import DeviceSample, SamplingMetadata, param_row, sample_on_device
 from streampage.runner.cache_engine import BlockPairs, CacheEngine
 from streampage.runner.cuda_graphs import DecodeGraphs
 from streampage.runner.mixed_graphs import MixedGraphs
@@ -52,6 +52,7 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         self.device = device
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' random streams
+        self._requests: dict[str, _RequestSampling] = {}  # what each live request's rows always carry
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self.inputs = StepInputBuilder(block_size, max_blocks_per_seq)
@@ -92,6 +93,7 @@ class ModelRunner:
         """Queue one step on the device (cache moves, forward, sampling) without waiting for it."""
         for request_id in out.finished_request_ids:
             self.generators.pop(request_id, None)
+            self._requests.pop(request_id, None)
         start = time.perf_counter()
         inputs = self.inputs.build(out) if out.seqs else None
         prepared = time.perf_counter()
@@ -184,23 +186,34 @@ class ModelRunner:
         return self._metadata
 
     def _build_metadata(self, out: SchedulerOutput, sample_rows: list[int], groups: list) -> SamplingMetadata:
+        # Rows of the same requests recur step after step while the batch's membership changes (rebuilt
+        # at most steps of a serving load): what a request always brings is computed once.
         seqs = [out.seqs[r] for r in sample_rows]
-        params = [g.params for g in groups]
-        penalised = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
-        banned = [self._banned(g.params, s) for g, s in zip(groups, seqs, strict=True)]
-        generators = {}
-        for i, group in enumerate(groups):
-            if group.params.seed is not None:
-                generators[i] = self._generator(group.request_id, group.params.seed)
+        requests = [self._requests.get(g.request_id) or self._remember_request(g) for g in groups]
+        penalised = any(r.penalised for r in requests)
+        banned = [self._banned(g.params, s) if r.may_ban else []
+                  for g, s, r in zip(groups, seqs, requests, strict=True)]
+        generators = {i: self._generator(g.request_id, g.params.seed)
+                      for i, (g, r) in enumerate(zip(groups, requests, strict=True)) if r.seeded}
         return SamplingMetadata.build(
-            params, device=self.device,
+            [g.params for g in groups], device=self.device,
             prompt_token_ids=[g.prompt_token_ids for g in groups] if penalised else (),
             output_token_ids=[s.output_token_ids for s in seqs] if penalised else (),
             banned_token_ids=banned if any(banned) else (),
             generators=generators,
-            num_samples=[g.num_samples() for g in groups],
-            num_logprobs=[g.num_logprobs(len(self.eos_token_ids)) for g in groups],
+            num_samples=[g.num_samples() if r.parallel else 1 for g, r in zip(groups, requests, strict=True)],
+            num_logprobs=[r.num_logprobs for r in requests],
+            param_rows=[r.param_row for r in requests],
         )
+
+    def _remember_request(self, group) -> _RequestSampling:
+        p = group.params
+        request = _RequestSampling(
+            param_row=param_row(p), num_logprobs=group.num_logprobs(len(self.eos_token_ids)),
+            penalised=bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0),
+            may_ban=p.min_tokens > 0, seeded=p.seed is not None, parallel=p.n > 1)
+        self._requests[group.request_id] = request
+        return request
 
     def _banned(self, params, seq) -> list[int]:
         """EOS and stop tokens are banned until min_tokens outputs exist."""
@@ -214,6 +227,17 @@ class ModelRunner:
             generator = self.generators[request_id] = torch.Generator(device=self.device)
             generator.manual_seed(seed)
         return generator
+
+
+class _RequestSampling(NamedTuple):
+    """What a request's rows bring to every step's sampling metadata, fixed for its lifetime."""
+
+    param_row: bytes  # its row of the parameter table (`sampler.param_row`)
+    num_logprobs: int
+    penalised: bool
+    may_ban: bool  # min_tokens > 0: EOS and stop tokens are banned for its first outputs
+    seeded: bool
+    parallel: bool  # n > 1: the first draw takes n tokens
 
 
 def _is_static(metadata: SamplingMetadata) -> bool:
