@@ -215,11 +215,13 @@ def test_warm_up_leaves_no_trace(checkpoint):
     assert token_ids(warmed.generate(PROMPTS, greedy(8), use_tqdm=False)) == expected
 
 
-def test_the_runner_forgets_finished_requests_sampling_rows(llm):
-    """Each request's sampling row is kept while it runs and dropped once it finishes: after a second
-    batch, only that batch's requests remain (the first's went with the second's first step)."""
+def test_the_runner_forgets_finished_requests(llm):
+    """Each request's sampling row and random generator are kept while it runs and dropped once it
+    finishes, even when its last step was the last of a run (no step followed to carry the news):
+    after a second batch, only that batch's requests remain."""
     runner = llm.engine.executor.runner
-    llm.generate(PROMPTS, SamplingParams(max_tokens=3, temperature=0.8, ignore_eos=True), use_tqdm=False)
-    assert len(runner._requests) == len(PROMPTS)
+    seeded = [SamplingParams(max_tokens=3, temperature=0.8, seed=i, ignore_eos=True) for i in range(len(PROMPTS))]
+    llm.generate(PROMPTS, seeded, use_tqdm=False)
+    assert len(runner._requests) == len(runner.generators) == len(PROMPTS)
     llm.generate(PROMPTS[:2], SamplingParams(max_tokens=3, temperature=0.8, ignore_eos=True), use_tqdm=False)
-    assert len(runner._requests) == 2
+    assert len(runner._requests) == 2 and not runner.generators

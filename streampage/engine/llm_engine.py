@@ -206,10 +206,10 @@ class LLMEngine:
         start = time.perf_counter()
         deltas, self._pending = self._pending, []
         out = self.scheduler.schedule()
-        out.finished_request_ids, self._finished_ids = self._finished_ids, []
         scheduled = time.perf_counter()
         launched = None
-        if not out.is_empty:
+        if not out.is_empty:  # an empty step reaches no runner: finished ids wait for the next one
+            out.finished_request_ids, self._finished_ids = self._finished_ids, []
             out.rewritten_seq_ids, out.dropped_seq_ids = self.kv.take_table_changes()
             launched = self.executor.launch(out)
             self._mark_launched(out)
