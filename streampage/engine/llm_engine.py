@@ -127,6 +127,8 @@ class LLMEngine:
         sequences (`paged_prefill` has one variant up to 16 and one up to 256). The decode graphs were
         built at capture. Leaves nothing behind: prompts shorter than a block put nothing in the
         prefix cache, every block is freed, and the counters start from zero."""
+        if self.max_model_len < 3:  # no room for a prompt and two tokens: nothing realistic to warm
+            return
         # Unseeded: a seeded request takes the PyTorch sampling pipeline, not the Triton sampler.
         sampled = SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)
         batches = [[SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)],
