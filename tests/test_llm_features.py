@@ -212,6 +212,7 @@ def test_warm_up_leaves_no_trace(checkpoint):
     stats = engine.stats()
     assert stats.kv_blocks_cached == 0
     assert (stats.steps_total, stats.prompt_tokens_total, stats.generation_tokens_total) == (0, 0, 0)
+    assert stats.num_preemptions_total == 0
     assert token_ids(warmed.generate(PROMPTS, greedy(8), use_tqdm=False)) == expected
 
 

@@ -140,7 +140,7 @@ class LLMEngine:
             while self.has_unfinished_requests():
                 self.step()
         self.prompt_tokens_total = self.generation_tokens_total = self.cached_prompt_tokens_total = 0
-        self.steps_total = 0
+        self.steps_total = self.scheduler.num_preemptions = 0
         self.timing = dict.fromkeys(self.timing, 0.0)
 
     # Executors with processes of their own (tensor parallelism) also have shutdown() and check_health().
