@@ -250,8 +250,9 @@ class LLMEngine:
         touched: dict[str, tuple[SequenceGroup, RequestDelta]] = {}
         beam_rows: dict[str, list[tuple[Sequence, RowResult]]] = {}
         rows = zip(out.seqs, out.groups, out.num_new_tokens, out.sample_indices, results, strict=True)
+        finished, record = SeqStatus.FINISHED, self._record  # locals: this loop runs once per row
         for seq, group, n, index, result in rows:
-            if seq.status is SeqStatus.FINISHED:
+            if seq.status is finished:
                 continue  # ended (EOS, abort) while this step was in flight: its row is moot
             if result is not None:
                 entry = touched.get(group.request_id)
@@ -264,7 +265,7 @@ class LLMEngine:
                     beam_rows.setdefault(group.request_id, []).append((seq, result))
                 elif seq.logprobs is None and len(result.token_ids) == 1:  # the common case, inline
                     token = result.token_ids[0]
-                    self._record(seq, group.params, index, token, result.logprobs[0])
+                    record(seq, group.params, index, token, result.logprobs[0])
                     choice = 0 if group.seqs[0] is seq else group.seqs.index(seq)
                     entry[1].seqs.append(SeqDelta(choice, [token], None, seq.cumulative_logprob,
                                                   seq.finish_reason, seq.stop_reason))
@@ -282,7 +283,8 @@ class LLMEngine:
         for group, delta in touched.values():
             if group.first_token_time is None:
                 group.first_token_time = delta.first_token_time = now
-            if all(s.status is SeqStatus.FINISHED for s in group.seqs):
+            seqs = group.seqs
+            if seqs[0].status is finished if len(seqs) == 1 else all(s.status is finished for s in seqs):
                 self._finish_group(group, delta)
             deltas.append(delta)
         return deltas
