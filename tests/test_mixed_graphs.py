@@ -77,6 +77,9 @@ def test_staging_pads_tokens_to_the_bucket_and_sequences_to_every_row() -> None:
 
 @pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)")
+# Padding tokens' attention rows are left as the buffer held them (by design: no real row reads
+# them), so the interpreter may square garbage in the next RMSNorm.
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 @torch.inference_mode()
 def test_padded_forward_gives_the_unpadded_steps_logits(tmp_path, monkeypatch) -> None:
     """Sequence A (9 tokens cached) decodes its 10th while sequence B prefills 7 tokens: the step as a
