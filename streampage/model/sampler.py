@@ -88,11 +88,8 @@ class SamplingMetadata:
         beams from those.
         """
         num_rows = len(params)
-        if param_rows is None:
-            table = np.array([_param_values(p) for p in params], dtype=np.float32)
-        else:
-            table = np.frombuffer(b"".join(param_rows), dtype=np.float32).copy()
-        table = table.reshape(num_rows, _NUM_HOST_COLUMNS)
+        rows = param_rows if param_rows is not None else [param_row(p) for p in params]
+        table = np.frombuffer(b"".join(rows), dtype=np.float32).reshape(num_rows, _NUM_HOST_COLUMNS).copy()
         beam = table[:, _BEAM_WIDTH] > 1
         table[beam, _TEMPERATURE] = 0.0
         greedy = table[:, _TEMPERATURE] == 0
@@ -132,15 +129,11 @@ class SamplingMetadata:
         return len(self.num_samples)
 
 
-def _param_values(p: SamplingParams) -> tuple[float, ...]:
-    """A request's row of `SamplingMetadata.build`'s parameter table (columns _TEMPERATURE...)."""
-    return (p.temperature, p.top_p, p.top_k, p.min_p, p.presence_penalty, p.frequency_penalty,
-            p.repetition_penalty, p.logprobs or 0, p.beam_width)
-
-
 def param_row(p: SamplingParams) -> bytes:
-    """That row packed as native float32, for `build(param_rows=...)`."""
-    return struct.pack(f"={_NUM_HOST_COLUMNS}f", *_param_values(p))
+    """A request's row of `SamplingMetadata.build`'s parameter table (columns _TEMPERATURE...), packed
+    as native float32."""
+    return struct.pack(f"={_NUM_HOST_COLUMNS}f", p.temperature, p.top_p, p.top_k, p.min_p, p.presence_penalty,
+                       p.frequency_penalty, p.repetition_penalty, p.logprobs or 0, p.beam_width)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
