@@ -82,6 +82,8 @@ class ModelRunner:
         """Drop the CUDA graphs and their memory; later steps run eagerly. Tensor-parallel ranks call this
         before destroying their groups: NCCL tears a communicator down (destroy or abort) only once every
         graph that captured its kernels is gone, and waits forever otherwise."""
+        if self.graphs is None and self.mixed_graphs is None:
+            return  # nothing held (eager, or already released by an earlier tear-down step)
         self.graphs = self.mixed_graphs = None
         gc.collect()  # the graph objects go now, not whenever a reference cycle holding them is collected
 
