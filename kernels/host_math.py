@@ -15,3 +15,15 @@ def cdiv(x: int, y: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+# Triton compiles a variant of a kernel per class of each int argument (1, a multiple of 16, other),
+# and a multiple of 16 also tells the compiler that addresses built from it are aligned. Row strides
+# that follow the step (block-table widths, decode partials) are padded to this multiple, so one
+# variant serves every step and keeps its vector loads.
+STRIDE_ALIGN = 16
+
+
+def table_width(num_blocks: int) -> int:
+    """Columns of a block table holding num_blocks entries: padded to a multiple of STRIDE_ALIGN."""
+    return cdiv(max(num_blocks, 1), STRIDE_ALIGN) * STRIDE_ALIGN

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .arrival_counters import arrival_counters
-from .host_math import cdiv, next_power_of_2
+from .host_math import STRIDE_ALIGN, cdiv, next_power_of_2
 from .pdl import launch_options, wait_for_previous_kernel
 
 _LOG2E = 1.4426950408889634
@@ -61,10 +61,6 @@ class PrefillConfig:
     # Cap on registers per thread. 128 lets two 8-warp programs share an SM, so one's softmax runs
     # while the other's MMAs do (Triton cannot overlap the two inside one program).
     maxnreg: int | None = None
-    # Launch order. False: every KV head of a tile, then the next tile, so the programs running at once
-    # read all heads' keys of one sequence (tens of MB at 8k tokens, more than L2 holds once two
-    # sequences overlap). True: every tile of one KV head first, a few MB of keys at a time.
-    heads_outer: bool = False
 
     def shared_bytes(self, head_dim: int, itemsize: int) -> int:
         """Shared memory of the tiles: Q plus num_stages K and V tiles in flight."""
@@ -89,7 +85,8 @@ class DecodeWorkspace:
     """Scratch for split-KV decode; reusable by every launch with num_seqs and num_splits up to its own.
 
     partial_out: [num_seqs, q_heads, num_splits, head_dim] fp32, each split's normalised output.
-    partial_lse: [num_seqs, q_heads, num_splits] fp32, each split's log2-sum-exp (-inf when empty).
+    partial_lse: [num_seqs, q_heads, num_splits padded to 16] fp32, each split's log2-sum-exp (-inf when
+    empty).
     """
 
     partial_out: torch.Tensor
@@ -101,7 +98,9 @@ class DecodeWorkspace:
     ) -> DecodeWorkspace:
         return cls(
             torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=device),
-            torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=device),
+            # splits padded: the row strides stay multiples of 16 whatever num_splits (host_math.py)
+            torch.empty(num_seqs, num_q_heads, cdiv(num_splits, STRIDE_ALIGN) * STRIDE_ALIGN, dtype=torch.float32,
+                        device=device),
         )
 
 
@@ -210,10 +209,10 @@ def _split_span(context_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
     return span, tl.maximum(tl.cdiv(context_len, span), 1)
 
 
-# Ints that follow the step (split counts and lengths, the block tables' width in eager steps, the
-# partials' strides) stay unspecialised: one compiled variant serves every step (jit_watch.py).
-@triton.jit(do_not_specialize=["num_splits", "min_split_len", "stride_bt_s", "stride_po_s", "stride_pl_s",
-                               "stride_pl_h"])
+# Split counts and lengths follow the step and stay unspecialised; the row strides that follow it (block
+# tables, partials) are kept multiples of 16 by their owners (host_math.py), so they stay specialised
+# (aligned vector loads and stores) and one compiled variant still serves every step (jit_watch.py).
+@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     row_order_ptr, qk_scale, num_splits, min_split_len,
@@ -516,9 +515,9 @@ def _tile_owner(query_start_loc_ptr, num_seqs, tile_id, TOKENS: tl.constexpr, SE
     return seq, tile_id - first
 
 
-# The batch's sequence count and its block tables' width (an eager step's tables are as wide as its
-# longest context) stay unspecialised: one compiled variant serves every step (jit_watch.py).
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt_s"])
+# The batch's sequence count stays unspecialised, and the block tables' row stride is padded to a
+# multiple of 16 (`table_width`): one compiled variant serves every step (jit_watch.py).
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
     qk_scale, num_seqs,
@@ -527,16 +526,14 @@ def _prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_DIAG: tl.constexpr, SAME_KV_LAYOUT: tl.constexpr,
     Q_IN_REGISTERS: tl.constexpr, DOT_PRECISION: tl.constexpr, SEQS_POW2: tl.constexpr,
-    HEADS_OUTER: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
-    TILE_AXIS: tl.constexpr = 0 if HEADS_OUTER else 1
-    kv_head = tl.program_id(1 - TILE_AXIS)
+    kv_head = tl.program_id(0)
     # The grid covers an upper bound of the batch's tiles that depends only on tensor shapes, so a
     # CUDA graph of a mixed step replays with any split of its tokens into chunks. Numbered from the
     # end: a sequence's late tiles see the most keys, so they start first.
     seq, tile = _tile_owner(query_start_loc_ptr, num_seqs,
-                            tl.num_programs(TILE_AXIS) - 1 - tl.program_id(TILE_AXIS), TOKENS, SEQS_POW2)
+                            tl.num_programs(1) - 1 - tl.program_id(1), TOKENS, SEQS_POW2)
     if seq >= num_seqs:
         return
     q_begin = tl.load(query_start_loc_ptr + seq)
@@ -620,8 +617,7 @@ def paged_prefill(
     # Sequence i has cdiv(q_len_i, tokens per tile) tiles: at most cdiv(num_tokens, tokens per tile)
     # plus one partial tile per sequence in all.
     tiles = cdiv(q.shape[0], block_m // group_pad) + num_seqs
-    grid = (tiles, num_kv_heads) if cfg.heads_outer else (num_kv_heads, tiles)
-    _prefill_kernel[grid](
+    _prefill_kernel[(num_kv_heads, tiles)](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
         scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -631,7 +627,7 @@ def paged_prefill(
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_N_DIAG=min(cfg.block_n, cfg.block_n_diag),
         SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
         Q_IN_REGISTERS=cfg.q_in_registers, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        SEQS_POW2=_seqs_pad(num_seqs), HEADS_OUTER=cfg.heads_outer,
+        SEQS_POW2=_seqs_pad(num_seqs),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out

@@ -1,7 +1,7 @@
 """PTX for sm_90 of the decode path's Triton kernels, with and without PDL, and of the prefill kernel:
 run as a script (in a process without TRITON_INTERPRET, which replaces @triton.jit functions by
 interpreted ones), it prints {"kernel/pdl": [griddepcontrol.wait count, griddepcontrol.launch_dependents
-count], "prefill/heads_outer": [wgmma instruction count]} as JSON. tests/test_sm90_compile.py runs it."""
+count], "prefill": [wgmma instruction count]} as JSON. tests/test_sm90_compile.py runs it."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ PREFILL_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}, 
                 "query_start_loc_ptr": "*i32", "context_lens_ptr": "*i32", "qk_scale": "fp32"}
 PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_M": 128, "BLOCK_N": 128,
                   "BLOCK_N_DIAG": 64, "SAME_KV_LAYOUT": True, "Q_IN_REGISTERS": False, "DOT_PRECISION": "tf32",
-                  "SEQS_POW2": 256, "HEADS_OUTER": False}
+                  "SEQS_POW2": 256}
 KERNELS = {
     "gemv": (gemv._skinny_linear_kernel, GEMV_ARGS, GEMV_CONSTS, {"num_warps": 4}),
     "decode-split": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_CONSTS, {"num_warps": 4, "num_stages": 3}),
@@ -68,10 +68,8 @@ def main() -> None:
         for pdl in (False, True):
             code = ptx(fn, pointers, {**constexprs, "PDL": pdl}, **options, **({"launch_pdl": True} if pdl else {}))
             counts[f"{name}/{pdl}"] = [code.count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]
-    for heads_outer in (False, True):
-        code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, {**PREFILL_CONSTS, "HEADS_OUTER": heads_outer},
-                   num_warps=8, num_stages=3)
-        counts[f"prefill/{heads_outer}"] = [code.count("wgmma.mma_async")]
+    code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, PREFILL_CONSTS, num_warps=8, num_stages=3)
+    counts["prefill"] = [code.count("wgmma.mma_async")]
     json.dump(counts, sys.stdout)
 
 

@@ -96,7 +96,7 @@ def test_bf16_decode_through_the_gemv_with_programmatic_launch_runs_to_the_end(c
 
 def test_decode_graphs_taking_rows_longest_first_give_the_same_tokens(checkpoint):
     """`decode_longest_first` changes only the attention programs' launch order over the rows."""
-    assert greedy_tokens(checkpoint, decode_longest_first=True) == greedy_tokens(checkpoint)
+    assert greedy_tokens(checkpoint, decode_longest_first=False) == greedy_tokens(checkpoint, decode_longest_first=True)
 
 
 def test_async_scheduling_gives_the_same_tokens_with_graphs_and_padding(checkpoint):

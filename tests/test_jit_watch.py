@@ -1,6 +1,6 @@
 """kernels.new_variants: the benches' report of Triton kernels built inside a timed run. On the CPU
 (Triton's interpreter builds nothing) the hook's plumbing; on CUDA, that a new batch size builds no
-new variant of the kernels whose launches vary with the step (sampling, paged prefill)."""
+new variant of the kernels whose launches vary with the step (sampling, paged prefill, eager decode)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ def test_the_hook_records_each_build_and_is_restored_even_after_an_error() -> No
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_sampling_and_prefill_build_one_variant_for_every_batch_size() -> None:
-    """Sizes 17..256 rows (sampling), 1..256 sequences and block tables of any width (prefill): after
-    the first of each variant range, none builds a kernel. A variant per size would compile inside a
-    serving run (session 5 saw seconds of it). Decode runs from graphs, whose capture builds its
-    variants (its tile config follows the batch's occupancy)."""
+def test_sampling_and_attention_build_one_variant_for_every_batch_size() -> None:
+    """Sizes 17..256 rows (sampling), 1..256 sequences with block tables as wide as the runner makes
+    them (prefill), and eager decode's split counts and table widths: after the first of each variant
+    range, none builds a kernel. A variant per size would compile inside a serving run (session 5 saw
+    seconds of it)."""
     from test_kernels import build_batch
 
     vocab = 151936
@@ -51,16 +51,30 @@ def test_sampling_and_prefill_build_one_variant_for_every_batch_size() -> None:
                                   temperature[:rows], seed)
     assert built == []
 
+    def batch(num_seqs: int, context: int, query: int):
+        """Block tables padded like an eager step's (`kernels.table_width`)."""
+        made = build_batch([context] * num_seqs, [query] * num_seqs, block_size=16, q_heads=8, kv_heads=2,
+                           head_dim=64, dtype=torch.bfloat16, device="cuda")
+        width = kernels.table_width(made.block_tables.shape[1])
+        made.block_tables = torch.nn.functional.pad(made.block_tables, (0, width - made.block_tables.shape[1]))
+        return made
+
     def prefill(num_seqs: int, context: int) -> None:
-        """Block tables as wide as the longest context plus one column, like an eager step's."""
-        batch = build_batch([context] * num_seqs, [3] * num_seqs, block_size=16, q_heads=8, kv_heads=2,
-                            head_dim=64, dtype=torch.bfloat16, device="cuda")
-        kernels.paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc,
-                              batch.context_lens, 0.125)
+        b = batch(num_seqs, context, 3)
+        kernels.paged_prefill(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.context_lens, 0.125)
+
+    def decode(num_seqs: int, context: int, num_splits: int) -> None:
+        b = batch(num_seqs, context, 1)
+        kernels.paged_decode(b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens, 0.125,
+                             num_splits=num_splits, config=kernels.DecodeConfig(64, 4, 3))
 
     prefill(1, 40)
     prefill(17, 40)
+    for num_splits in (1, 4, 32):  # the merge's tile follows the split count's power of two
+        decode(3, 700, num_splits)
     with kernels.new_variants() as built:
         for num_seqs, context in ((18, 40), (40, 5), (100, 300), (200, 250), (256, 17), (2, 60)):
-            prefill(num_seqs, context)  # table widths 4, 2, 20, 17, 3, 5: strides of every class
+            prefill(num_seqs, context)  # table widths 16 and 32
+        for num_seqs, context, num_splits in ((1, 4000, 32), (5, 900, 4), (64, 300, 3), (7, 5000, 17), (2, 20, 1)):
+            decode(num_seqs, context, num_splits)  # table widths 16 to 320, partials of 1 to 64 rows
     assert built == []

@@ -41,9 +41,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 SMALL_DECODE = DecodeConfig(block_n=16, num_warps=4, num_stages=2)
 SMALL_PREFILL = PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
 # Key tiles of several pages for blocks of 8-32 (one page at 64), Q fed from registers, a register cap
-# (ignored by the interpreter, exercised on a GPU), and the tiles-first launch order.
-WIDE_PREFILL = PrefillConfig(block_m=32, block_n=64, num_warps=4, num_stages=2, q_in_registers=True, maxnreg=128,
-                             heads_outer=True)
+# (ignored by the interpreter, exercised on a GPU).
+WIDE_PREFILL = PrefillConfig(block_m=32, block_n=64, num_warps=4, num_stages=2, q_in_registers=True, maxnreg=128)
 
 
 @dataclass

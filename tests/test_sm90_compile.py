@@ -39,5 +39,4 @@ def test_decode_kernel_compiles_for_hopper_with_the_pdl_contract(counts, name, p
 def test_prefill_kernel_compiles_for_hopper_onto_the_tensor_cores(counts):
     """The batch-wide tile lookup (a cumulative sum over the sequences) lowers, and the attention
     products still become warpgroup MMAs."""
-    assert counts["prefill/False"][0] > 0
-    assert counts["prefill/True"] == counts["prefill/False"]  # the launch order changes no product
+    assert counts["prefill"][0] > 0

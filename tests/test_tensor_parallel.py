@@ -265,7 +265,7 @@ def test_step_messages_carry_block_table_changes_only():
     tables from the writes alone (new blocks, a copy-on-write rewrite, a finished sequence's row
     reused by a new one), and a step whose tables did not change sends no table entry."""
     builder = StepInputBuilder(block_size=4, max_blocks_per_seq=8)
-    copy = MirrorCopy(8, rows=1)
+    copy = MirrorCopy(builder.mirror.table.shape[1], rows=1)
     # Per step: (seq id, tokens so far, tokens computed before the step, table) per row, rewritten, dropped.
     steps = [
         ([(1, 6, 0, [10, 11]), (2, 3, 0, [20])], set(), []),  # prefill
@@ -286,6 +286,7 @@ def test_step_messages_carry_block_table_changes_only():
         inputs = builder.build(out)
         _, _, got = decode(encode(Kind.STEP, CacheMoves([], [], []), inputs, builder.mirror), copy)
         np.testing.assert_array_equal(got.block_tables, inputs.block_tables)
+        assert inputs.block_tables.shape[1] == 16  # padded so attention keeps one compiled variant
         written.append(sum(end - start for _, start, end in builder.mirror.writes))
     assert written == [3, 0, 1, 3, 0, 2]  # entries sent: seq 2's whole rewritten row, seq 3's new row
 
