@@ -225,7 +225,6 @@ def _decode_kernel(
 ):
     # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
     # together they read each page of the pool whole.
-    wait_for_previous_kernel(PDL)
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     if ORDERED:  # the caller's launch order of the rows (longest first: none is left running alone)
@@ -238,6 +237,15 @@ def _decode_kernel(
     start = split * span
     end = tl.minimum(start + span, context_len)
 
+    # The block table is read one tile ahead, so the next tile's K/V addresses are known while this
+    # one computes and the pipeliner keeps K/V loads num_stages - 1 tiles ahead.
+    block_table = block_tables_ptr + seq * stride_bt_s
+    pages = _tile_pages(block_table, start + tl.arange(0, BLOCK_N), end, BLOCK_SIZE)
+    # The step's inputs (row order, context lengths, block tables) were written before its first kernel
+    # (pdl.py), so the chain of loads above runs under the previous kernel's tail; q and the newest
+    # token's K/V come from the kernel just before.
+    wait_for_previous_kernel(PDL)
+
     rows = tl.arange(0, GROUP_PAD)  # row r = query head kv_head * GROUP + r; rows >= GROUP are padding
     row_mask = rows < GROUP
     heads = kv_head * GROUP + rows
@@ -245,14 +253,10 @@ def _decode_kernel(
     q = tl.load(q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + dims[None, :],
                 mask=row_mask[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
-    block_table = block_tables_ptr + seq * stride_bt_s
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    # The block table is read one tile ahead, so the next tile's K/V addresses are known while this
-    # one computes and the pipeliner keeps K/V loads num_stages - 1 tiles ahead.
-    pages = _tile_pages(block_table, start + tl.arange(0, BLOCK_N), end, BLOCK_SIZE)
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
         valid = tokens < end  # the first token of a tile is always valid: m stays finite

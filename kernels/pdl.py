@@ -8,9 +8,12 @@ waits in `gdc_wait` until the previous kernel has finished and its writes are vi
 
 The rule every kernel here follows, and any kernel added to the decode path must follow: call
 `wait_for_previous_kernel(PDL)` on every path through the program, before reading anything a
-kernel may have written (activations, the KV pool, block tables). Weights are never written, so
-they may be read before it. A program that exited without waiting could let its kernel finish
-before the previous one, and the next kernel's wait would then cover neither.
+kernel may have written (activations, the KV pool). Weights are never written, so they may be read
+before it; nor are a step's inputs (context lengths, block tables, row order) once its first kernel
+runs: they arrive by host copies, or in a CUDA graph by staging copies that finish before the
+step's first kernel (launched without PDL) starts, and every later kernel starts after that. A
+program that exited without waiting could let its kernel finish before the previous one, and the
+next kernel's wait would then cover neither.
 
 Off unless `enable(True)` (the runner's `programmatic_launch` option); only CUDA devices of compute
 capability 9.0 and later launch this way. A kernel launched without it runs exactly as before.
