@@ -3,7 +3,8 @@ and on equal ones, for fixed split counts and for what a decode CUDA graph uses 
 does splitting balance long and short rows? Then two questions for the graph plan: do mixed batches
 run faster with their rows ordered longest first (the GPU starts programs in launch order, so the
 longest would no longer be left running alone at the end)? And at batch 1-8, do short contexts run
-faster cut into one-tile splits (`min_split_tokens`) than in splits of at least 256 tokens? Last,
+faster cut into one-tile splits (`min_split_tokens`) than in splits of two tiles or of at least 256
+tokens (session 6: one program beat one-tile splits at 128 tokens)? Last,
 the paging cost (scattered against contiguous block tables, alternating replays as `streampage
 bench kernels` times it) of other tile sizes, warps, stages and split counts at the two shapes
 where the default sits at or above the 2% bar (B32/8k, B16/4k). (cuBLAS at 1-8 rows: `streampage
@@ -78,14 +79,16 @@ def longest_first(timer: Timer, bandwidth: float) -> None:
 
 
 def short_contexts(timer: Timer) -> None:
-    print(f"\ngraph plan at batch 1-8, equal short contexts: us with splits of >= {MIN_SPLIT_TOKENS} tokens "
-          "against one-tile splits")
-    print(f"{'batch':>6} {'context':>8} {'>= ' + str(MIN_SPLIT_TOKENS):>10} {'one tile':>10}")
+    tile = DecodeConfig.default(HEAD_DIM, 0).block_n
+    print(f"\ngraph plan at batch 1-8, equal short contexts: us with splits of >= {MIN_SPLIT_TOKENS} tokens, "
+          f"of two tiles ({2 * tile} tokens) and of one tile (the default at batch 1-8)")
+    print(f"{'batch':>6} {'context':>8} {'>= ' + str(MIN_SPLIT_TOKENS):>10} {'two tiles':>10} {'one tile':>10}")
     for batch in (1, 4, 8):
-        for context in (128, 256, 512, 1024):
+        for context in (128, 192, 256, 512, 1024):
             inputs = DecodeInputs(batch, context)
-            cells = [time_decode(timer, inputs, graph_splits(batch), min_split_len=m) for m in (MIN_SPLIT_TOKENS, 1)]
-            print(f"{batch:>6} {context:>8} {cells[0]:>10.1f} {cells[1]:>10.1f}")
+            cells = [time_decode(timer, inputs, graph_splits(batch), min_split_len=m)
+                     for m in (MIN_SPLIT_TOKENS, 2 * tile, 1)]
+            print(f"{batch:>6} {context:>8} " + " ".join(f"{us:>10.1f}" for us in cells))
             del inputs
 
 
