@@ -3,9 +3,10 @@
 Triton builds a kernel once per combination of its compile-time constants and argument
 specialisations (an int equal to 1 or divisible by 16, a pointer aligned to 16 bytes), the first time
 a launch asks for it: a compile of about a second, or a load from Triton's disk cache. Launchers keep
-their variants few and independent of step sizes (`do_not_specialize`, bucketed constants), and the
-engine builds them while it warms up; a timed run that builds one measures the compiler. Benchmarks
-wrap their timed part in `new_variants` and report what it built.
+their variants few and independent of step sizes (`do_not_specialize`, bucketed constants, row
+strides padded to multiples of 16), and the engine builds them while it warms up; a timed run that
+builds one measures the compiler. Benchmarks wrap their timed part in `new_variants` and report what
+it built.
 """
 
 from __future__ import annotations
