@@ -1,6 +1,7 @@
 """kernels.new_variants: the benches' report of Triton kernels built inside a timed run. On the CPU
-(Triton's interpreter builds nothing) the hook's plumbing; on CUDA, that a new batch size builds no
-new variant of the kernels whose launches vary with the step (sampling, paged prefill, eager decode)."""
+(Triton's interpreter builds nothing) the hook's plumbing, and the padding that keeps step-sized row
+strides in one specialisation class; on CUDA, that a new batch size builds no new variant of the
+kernels whose launches vary with the step (sampling, paged prefill, eager decode)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,27 @@ def test_the_hook_records_each_build_and_is_restored_even_after_an_error() -> No
         assert built == ["_prefill_kernel", "_sample_kernel"] and outer[-1] == "after"
     finally:
         knobs.runtime.jit_cache_hook = None
+
+
+def test_row_strides_that_follow_the_step_stay_multiples_of_16() -> None:
+    """The attention kernels keep their row strides specialised (one variant per class: 1, a multiple
+    of 16, other; and a multiple of 16 keeps vector loads aligned), so whatever follows the step is
+    padded: decode partials for any split count, and the runner's block tables for any context."""
+    from streampage.kernels import DecodeWorkspace
+    from streampage.runner.step_inputs import StepInputBuilder
+
+    for num_splits in (2, 3, 8, 17, 64):
+        workspace = DecodeWorkspace.allocate(3, 32, 128, num_splits, "cpu")
+        strides = workspace.partial_out.stride()[:3] + workspace.partial_lse.stride()[:2]
+        assert all(stride % 16 == 0 for stride in strides), (num_splits, strides)
+    builder = StepInputBuilder(block_size=16, max_blocks_per_seq=300)
+    assert builder.mirror.table.shape[1] == 304
+    for step, context in enumerate((1, 16, 17, 257, 4000)):
+        seq = SimpleNamespace(seq_id=step, token_ids=list(range(context)), num_computed_tokens=0)
+        out = SimpleNamespace(seqs=[seq], block_tables=[list(range(-(-context // 16)))], rewritten_seq_ids=set(),
+                              dropped_seq_ids=[step - 1] if step else [], is_decode_only=False,
+                              num_new_tokens=[context], num_batched_tokens=context)
+        assert builder.build(out).block_tables.shape[1] % 16 == 0, context
 
 
 @pytest.mark.gpu
