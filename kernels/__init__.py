@@ -35,7 +35,7 @@ _EXPORTS = {
     "GemvConfig": "gemv",
     "gemv_candidates": "gemv",
     "new_variants": "jit_watch",
-    "table_width": "host_math",
+    "aligned_width": "host_math",
 }
 
 __all__ = sorted(_EXPORTS)

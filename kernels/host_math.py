@@ -24,6 +24,7 @@ def next_power_of_2(n: int) -> int:
 STRIDE_ALIGN = 16
 
 
-def table_width(num_blocks: int) -> int:
-    """Columns of a block table holding num_blocks entries: padded to a multiple of STRIDE_ALIGN."""
-    return cdiv(max(num_blocks, 1), STRIDE_ALIGN) * STRIDE_ALIGN
+def aligned_width(entries: int) -> int:
+    """Columns for a row of `entries` values (a block table's pages, a decode row's splits) whose row
+    stride must stay in one specialisation class: a multiple of STRIDE_ALIGN, at least one."""
+    return cdiv(max(entries, 1), STRIDE_ALIGN) * STRIDE_ALIGN

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .arrival_counters import arrival_counters
-from .host_math import STRIDE_ALIGN, cdiv, next_power_of_2
+from .host_math import aligned_width, cdiv, next_power_of_2
 from .pdl import launch_options, wait_for_previous_kernel
 
 _LOG2E = 1.4426950408889634
@@ -99,8 +99,7 @@ class DecodeWorkspace:
         return cls(
             torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=device),
             # splits padded: the row strides stay multiples of 16 whatever num_splits (host_math.py)
-            torch.empty(num_seqs, num_q_heads, cdiv(num_splits, STRIDE_ALIGN) * STRIDE_ALIGN, dtype=torch.float32,
-                        device=device),
+            torch.empty(num_seqs, num_q_heads, aligned_width(num_splits), dtype=torch.float32, device=device),
         )
 
 
@@ -520,7 +519,7 @@ def _tile_owner(query_start_loc_ptr, num_seqs, tile_id, TOKENS: tl.constexpr, SE
 
 
 # The batch's sequence count stays unspecialised, and the block tables' row stride is padded to a
-# multiple of 16 (`table_width`): one compiled variant serves every step (jit_watch.py).
+# multiple of 16 (`aligned_width`): one compiled variant serves every step (jit_watch.py).
 @triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,

@@ -74,10 +74,10 @@ def test_sampling_and_attention_build_one_variant_for_every_batch_size() -> None
     assert built == []
 
     def batch(num_seqs: int, context: int, query: int):
-        """Block tables padded like an eager step's (`kernels.table_width`)."""
+        """Block tables padded like an eager step's (`kernels.aligned_width`)."""
         made = build_batch([context] * num_seqs, [query] * num_seqs, block_size=16, q_heads=8, kv_heads=2,
                            head_dim=64, dtype=torch.bfloat16, device="cuda")
-        width = kernels.table_width(made.block_tables.shape[1])
+        width = kernels.aligned_width(made.block_tables.shape[1])
         made.block_tables = torch.nn.functional.pad(made.block_tables, (0, width - made.block_tables.shape[1]))
         return made
 

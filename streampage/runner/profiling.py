@@ -8,7 +8,7 @@ import logging
 import torch
 
 from streampage.config import EngineConfig
-from streampage.kernels import table_width
+from streampage.kernels import aligned_width
 from streampage.model.forward_context import AttentionMetadata, forward_context
 from streampage.model.loader import LoadedModel
 
@@ -35,7 +35,7 @@ def profile_peak_bytes(loaded: LoadedModel, config: EngineConfig, device: torch.
     lens[: num_tokens % num_seqs] += 1
     query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
     query_start_loc[1:] = torch.cumsum(lens, 0)
-    width = table_width(-(-int(lens.max()) // block_size))
+    width = aligned_width(-(-int(lens.max()) // block_size))
     metadata = AttentionMetadata(
         slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
         block_tables=torch.zeros((num_seqs, width), dtype=torch.int32, device=device),

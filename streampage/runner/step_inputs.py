@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from streampage.kernels import table_width
+from streampage.kernels import aligned_width
 from streampage.runner.block_table_mirror import BlockTableMirror
 
 if TYPE_CHECKING:  # the runner reads the scheduler's rows; it never calls into the engine
@@ -45,8 +45,8 @@ class StepInputs:
 class StepInputBuilder:
     def __init__(self, block_size: int, max_blocks_per_seq: int) -> None:
         self.block_size = block_size
-        # Table widths are padded (`table_width`) so attention compiles one variant for every step.
-        self.mirror = BlockTableMirror(table_width(max_blocks_per_seq))
+        # Table widths are padded (`aligned_width`) so attention compiles one variant for every step.
+        self.mirror = BlockTableMirror(aligned_width(max_blocks_per_seq))
         # The last step's sampling rows (its sequences, their rows), read only when a step has
         # placeholders (async scheduling): building a seq_id -> draw map every step would cost
         # the synchronous path for nothing.
@@ -77,7 +77,7 @@ class StepInputBuilder:
                                                                                      - starts, counts)
             sample_rows = [row for row, (s, end) in enumerate(zip(seqs, ends, strict=True)) if end == len(s.token_ids)]
         context_lens = (starts + counts).astype(np.int32)
-        width = table_width(-(-int(context_lens.max()) // block_size))
+        width = aligned_width(-(-int(context_lens.max()) // block_size))
         block_tables = self.mirror.table[rows, :width]
         row_of_token = np.repeat(np.arange(num_rows), counts) if not out.is_decode_only else np.arange(num_rows)
         slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size + (
