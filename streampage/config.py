@@ -101,7 +101,24 @@ class ParallelConfig:
 
 # Above a few thousand tokens a mixed step's device time dwarfs its launches: graphs would only cost memory.
 MAX_MIXED_GRAPH_TOKENS = 4096
-DECODE_GEMV_CHOICES = ("off", "all", "row-parallel")
+# Projections of a decoder layer that `decode_gemv` can route to the GEMV, and its shorthands.
+GEMV_PROJECTIONS = ("qkv", "o", "gate_up", "down")
+DECODE_GEMV_SHORTHANDS = {"off": (), "all": GEMV_PROJECTIONS, "row-parallel": ("o", "down")}
+
+
+def gemv_projections(decode_gemv: str) -> frozenset[str]:
+    """The projections a `decode_gemv` value names: a shorthand (off, all, row-parallel) or a comma
+    list of GEMV_PROJECTIONS. Raises ConfigError naming the choices."""
+    if decode_gemv in DECODE_GEMV_SHORTHANDS:
+        return frozenset(DECODE_GEMV_SHORTHANDS[decode_gemv])
+    names = [name.strip() for name in decode_gemv.split(",")]
+    unknown = [name for name in names if name not in GEMV_PROJECTIONS]
+    if unknown or not decode_gemv:
+        raise ConfigError(
+            f"decode_gemv must be one of {', '.join(DECODE_GEMV_SHORTHANDS)} or a comma list of "
+            f"{', '.join(GEMV_PROJECTIONS)}, got {decode_gemv!r}"
+        )
+    return frozenset(names)
 
 
 @dataclass(frozen=True)
@@ -111,8 +128,8 @@ class RunnerConfig:
     # Decode kernels on CUDA (docs/kernels.md): programmatic dependent launch of the Triton kernels
     # (Hopper+: each starts under the previous one's tail; on by default since it measured faster on
     # the H200), and which projections of 1-8 rows take the Triton split-K GEMV instead of cuBLAS:
-    # "off", "all", or "row-parallel" (the O and down projections, where cuBLAS at one row leaves the
-    # most bandwidth unused; QKV and gate/up stay with cuBLAS). Off: on the H200 (session 6)
+    # "off", "all", "row-parallel" (the O and down projections, where cuBLAS at one row leaves the
+    # most bandwidth unused) or a comma list of projections, e.g. "qkv,o". Off: on the H200 (session 6)
     # row-parallel took the 1B's batch-1 step 3.5% faster and the 8B's 2% slower.
     programmatic_launch: bool = True
     decode_gemv: str = "off"
@@ -128,8 +145,7 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.max_graph_batch_size is not None and self.max_graph_batch_size < 1:
             raise ConfigError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
-        if self.decode_gemv not in DECODE_GEMV_CHOICES:
-            raise ConfigError(f"decode_gemv must be one of {', '.join(DECODE_GEMV_CHOICES)}, got {self.decode_gemv!r}")
+        gemv_projections(self.decode_gemv)  # raises for a name it does not know
         if not 0 <= self.mixed_graph_max_tokens <= MAX_MIXED_GRAPH_TOKENS:
             raise ConfigError(f"mixed_graph_max_tokens must be in [0, {MAX_MIXED_GRAPH_TOKENS}], "
                               f"got {self.mixed_graph_max_tokens}")

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig
 
 from streampage import kernels
+from streampage.config import gemv_projections
 from streampage.kernels import reference
 from streampage.model import layers
 from streampage.model.demo import SHAPES
@@ -213,9 +214,10 @@ def prefill_then_decode(layer: LlamaDecoderLayer, rotary: RotaryEmbedding, dtype
 def decode_kernels(request):
     """The decode step's projections by cuBLAS, or by the split-K GEMV with every Triton kernel of
     the step launched with PDL (the runner's decode_gemv and programmatic_launch options)."""
-    layers.configure_decode_kernels(programmatic_launch=request.param, decode_gemv="all" if request.param else "off")
+    layers.configure_decode_kernels(programmatic_launch=request.param,
+                                    gemv_projections=gemv_projections("all" if request.param else "off"))
     yield request.param
-    layers.configure_decode_kernels(programmatic_launch=False, decode_gemv="off")
+    layers.configure_decode_kernels(programmatic_launch=False)
 
 
 @pytest.mark.gpu

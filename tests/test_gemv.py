@@ -17,7 +17,7 @@ import torch
 import triton
 
 from streampage import kernels
-from streampage.config import ConfigError, EngineConfig
+from streampage.config import ConfigError, EngineConfig, gemv_projections
 from streampage.kernels import GemvConfig, gemv_candidates, pdl, skinny_linear
 from streampage.kernels.arrival_counters import all_zero
 from streampage.kernels.gemv import balanced_split
@@ -247,12 +247,12 @@ def test_gpu_graph_replay(dot: bool) -> None:
 def decode_kernels():
     """Turns the process-wide decode kernel options off again after the test."""
     yield layers.configure_decode_kernels
-    layers.configure_decode_kernels(programmatic_launch=False, decode_gemv="off")
+    layers.configure_decode_kernels(programmatic_launch=False)
 
 
-def test_decode_gemv_takes_the_projections_of_one_to_eight_16_bit_rows(decode_kernels, monkeypatch):
-    """With `decode_gemv`, `layers.linear` sends decode-sized 16-bit inputs to skinny_linear and
-    everything else (more rows, fp32) to F.linear."""
+def test_decode_gemv_takes_the_named_projections_of_one_to_eight_16_bit_rows(decode_kernels, monkeypatch):
+    """`layers.linear` sends decode-sized 16-bit inputs of the projections `decode_gemv` names to
+    skinny_linear, and everything else (other projections, more rows, fp32) to F.linear."""
     rows_seen = []
     real = kernels.skinny_linear
 
@@ -262,33 +262,32 @@ def test_decode_gemv_takes_the_projections_of_one_to_eight_16_bit_rows(decode_ke
 
     monkeypatch.setattr(kernels, "skinny_linear", spy)
     monkeypatch.setattr(layers, "use_triton", lambda x: True)  # the CUDA path, through the interpreter
-    decode_kernels(programmatic_launch=False, decode_gemv="all")
+    decode_kernels(programmatic_launch=False, gemv_projections=gemv_projections("all"))
     _, weight, bias = make(1, 48, 40, torch.float16, bias=True)
     for rows in (1, 8, 9):
         x = torch.randn(rows, 40, device=DEVICE).to(torch.float16)
-        assert_close(layers.linear(x, weight, bias), reference(x, weight, bias), torch.float16)
+        assert_close(layers.linear(x, weight, bias, projection="qkv"), reference(x, weight, bias), torch.float16)
     x32, w32, b32 = make(2, 48, 40, torch.float32, bias=True)
-    assert_close(layers.linear(x32, w32, b32), reference(x32, w32, b32), torch.float32)
+    assert_close(layers.linear(x32, w32, b32, projection="qkv"), reference(x32, w32, b32), torch.float32)
     assert rows_seen == [1, 8]
-    decode_kernels(programmatic_launch=False, decode_gemv="row-parallel")  # O and down only
     x = torch.randn(8, 40, device=DEVICE).to(torch.float16)
-    layers.linear(x, weight, bias)
-    assert rows_seen == [1, 8]
-    assert_close(layers.linear(x, weight, bias, kind="row"), reference(x, weight, bias), torch.float16)
-    assert rows_seen == [1, 8, 8]
-    decode_kernels(programmatic_launch=False, decode_gemv="off")
-    layers.linear(x, weight, bias, kind="row")
-    assert rows_seen == [1, 8, 8]
+    for setting, taken in (("row-parallel", ["o", "down"]), ("qkv,o", ["qkv", "o"]), ("off", [])):
+        decode_kernels(programmatic_launch=False, gemv_projections=gemv_projections(setting))
+        for projection in ("qkv", "o", "gate_up", "down"):
+            rows_seen.clear()
+            assert_close(layers.linear(x, weight, bias, projection=projection), reference(x, weight, bias),
+                         torch.float16)
+            assert rows_seen == ([8] if projection in taken else []), (setting, projection)
 
 
 def test_programmatic_launch_only_reaches_hopper_and_later(decode_kernels):
-    decode_kernels(programmatic_launch=True, decode_gemv="off")
+    decode_kernels(programmatic_launch=True)
     assert pdl.launch_options(torch.device("cpu")) == {}
     if torch.cuda.is_available():
         hopper = torch.cuda.get_device_capability() >= (9, 0)
         assert pdl.launch_options(torch.device("cuda", torch.cuda.current_device())) == (
             {"PDL": True, "launch_pdl": True} if hopper else {})
-    decode_kernels(programmatic_launch=False, decode_gemv="off")
+    decode_kernels(programmatic_launch=False)
     assert pdl.launch_options(torch.device("cpu")) == {}
 
 
@@ -299,7 +298,7 @@ def test_gpu_programmatic_launch_chain_replays_from_a_cuda_graph(decode_kernels,
     """Four GEMVs in a row, each reading the one before (the layer's pattern), launched with PDL and
     replayed from a graph with new inputs: every one waits for its input (a missing wait would read
     the previous replay's values)."""
-    decode_kernels(programmatic_launch=True, decode_gemv="off")
+    decode_kernels(programmatic_launch=True)
     torch.manual_seed(split_k)
     weights = [(torch.randn(512, 512, device=DEVICE) / 512**0.5).to(torch.bfloat16) for _ in range(4)]
     config = GemvConfig(64, 128, split_k, 4, 4, dot=True)
@@ -331,5 +330,10 @@ def test_gpu_programmatic_launch_chain_replays_from_a_cuda_graph(decode_kernels,
 
 def test_decode_gemv_names_its_choices():
     assert EngineConfig.create(decode_gemv="row-parallel").runner.decode_gemv == "row-parallel"
-    with pytest.raises(ConfigError, match="decode_gemv must be one of off, all, row-parallel, got 'on'"):
-        EngineConfig.create(decode_gemv="on")
+    assert gemv_projections("row-parallel") == {"o", "down"}
+    assert gemv_projections("qkv, o") == {"qkv", "o"}
+    assert gemv_projections("off") == set()
+    for bad in ("on", "qkv,up", ""):
+        with pytest.raises(ConfigError, match="decode_gemv must be one of off, all, row-parallel or a comma "
+                                              "list of qkv, o, gate_up, down, got"):
+            EngineConfig.create(decode_gemv=bad)

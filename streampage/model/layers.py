@@ -15,7 +15,7 @@ fused kernel rounds where it rounds.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -37,28 +37,28 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-# Process-wide, set when a worker loads its model (`configure_decode_kernels`): which projections
-# take the GEMV, column-parallel ones (QKV, gate/up) and row-parallel ones (O, down).
-_gemv_for = {"column": False, "row": False}
+# Process-wide, set when a worker loads its model (`configure_decode_kernels`): the projections
+# ("qkv", "o", "gate_up", "down") whose decode batches of 1 to GEMV_MAX_ROWS rows take the GEMV.
+_gemv_projections: frozenset[str] = frozenset()
 
 
-def configure_decode_kernels(*, programmatic_launch: bool, decode_gemv: str) -> None:
-    """The runner options of the same names, for every model of this process: PDL launches of the
-    decode path's Triton kernels (`streampage.kernels.pdl`), and the split-K GEMV for projections of
-    1 to GEMV_MAX_ROWS rows (the decode graphs of batch 1-8): "off", "all" or "row-parallel"."""
-    _gemv_for["column"] = decode_gemv == "all"
-    _gemv_for["row"] = decode_gemv in ("all", "row-parallel")
+def configure_decode_kernels(*, programmatic_launch: bool, gemv_projections: Collection[str] = ()) -> None:
+    """The runner options `programmatic_launch` and `decode_gemv`, for every model of this process:
+    PDL launches of the decode path's Triton kernels (`streampage.kernels.pdl`), and the projections
+    that take the split-K GEMV for 1 to GEMV_MAX_ROWS rows (the decode graphs of batch 1-8)."""
+    global _gemv_projections
+    _gemv_projections = frozenset(gemv_projections)
     from streampage.kernels import pdl  # Triton loads here, not when the model package is imported
 
     pdl.enable(programmatic_launch)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           kind: str = "column") -> torch.Tensor:
+           projection: str) -> torch.Tensor:
     """F.linear, or `kernels.skinny_linear` for a 16-bit decode batch of at most GEMV_MAX_ROWS rows when
-    the GEMV is on for this kind of projection ("column" or "row" parallel; it streams the weight once
+    the GEMV is on for this projection ("qkv", "o", "gate_up" or "down"; it streams the weight once
     whatever the rows, where cuBLAS is latency-bound)."""
-    if (_gemv_for[kind] and use_triton(x) and x.dtype in (torch.float16, torch.bfloat16)
+    if (projection in _gemv_projections and use_triton(x) and x.dtype in (torch.float16, torch.bfloat16)
             and 1 <= x.shape[0] <= kernels.GEMV_MAX_ROWS):
         return kernels.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -91,8 +91,9 @@ def _parameter(shape: tuple[int, ...], loader: WeightLoader, fill: float | None 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split across ranks; the output stays sharded."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, projection: str) -> None:
         super().__init__()
+        self.projection = projection  # its name for `linear`'s GEMV routing
         output_size_local = divide(output_size, tp_size(), "output size")
         self.weight = _parameter((output_size_local, input_size), self.weight_loader)
         self.bias = _parameter((output_size_local,), self.weight_loader) if bias else None
@@ -102,7 +103,7 @@ class ColumnParallelLinear(nn.Module):
         _copy_into(param.data, loaded.narrow(0, tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, projection=self.projection)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -112,8 +113,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     splits into the shards locally without communication.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
-        super().__init__(input_size, sum(output_sizes), bias)
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, *, projection: str) -> None:
+        super().__init__(input_size, sum(output_sizes), bias, projection=projection)
         self.local_sizes = [divide(size, tp_size(), "merged output size") for size in output_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
@@ -145,7 +146,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.head_dim = head_dim
         self.kv_head_start = tp_rank() * num_kv_heads // tp  # first KV head of this rank in the checkpoint
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
-        super().__init__(hidden_size, output_size, bias)
+        super().__init__(hidden_size, output_size, bias, projection="qkv")
 
     @property
     def split_sizes(self) -> list[int]:
@@ -169,8 +170,9 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split across ranks: the input arrives sharded (the output of a
     column-parallel layer), partial products are summed over ranks, the bias is added once after."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, projection: str) -> None:
         super().__init__()
+        self.projection = projection  # its name for `linear`'s GEMV routing
         input_size_local = divide(input_size, tp_size(), "input size")
         self.weight = _parameter((output_size, input_size_local), self.weight_loader)
         self.bias = _parameter((output_size,), default_weight_loader) if bias else None
@@ -181,8 +183,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
-            return linear(x, self.weight, self.bias, kind="row")
-        y = tp_all_reduce(linear(x, self.weight, kind="row"))
+            return linear(x, self.weight, self.bias, projection=self.projection)
+        y = tp_all_reduce(linear(x, self.weight, projection=self.projection))
         return y if self.bias is None else y + self.bias
 
 

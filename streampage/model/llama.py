@@ -164,7 +164,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         d = spec.head_dim
         self.qkv_proj = QKVParallelLinear(spec.hidden_size, d, spec.num_heads, spec.num_kv_heads, spec.qkv_bias)
-        self.o_proj = RowParallelLinear(spec.num_heads * d, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = RowParallelLinear(spec.num_heads * d, spec.hidden_size, bias=spec.o_bias, projection="o")
         self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d, scale=d**-0.5)
@@ -181,8 +181,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
         size = spec.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [size, size], bias=spec.mlp_bias)
-        self.down_proj = RowParallelLinear(size, spec.hidden_size, bias=spec.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [size, size], bias=spec.mlp_bias,
+                                                       projection="gate_up")
+        self.down_proj = RowParallelLinear(size, spec.hidden_size, bias=spec.mlp_bias, projection="down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from streampage.config import ConfigError, EngineConfig
+from streampage.config import ConfigError, EngineConfig, gemv_projections
 from streampage.model.demo import ensure_demo_model
 from streampage.model.layers import configure_decode_kernels
 from streampage.model.loader import LoadedModel, ModelShape, load_model, resolve_dtype
@@ -74,7 +74,7 @@ class Worker:
         dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
         configure_decode_kernels(programmatic_launch=config.runner.programmatic_launch,
-                                 decode_gemv=config.runner.decode_gemv)
+                                 gemv_projections=gemv_projections(config.runner.decode_gemv))
         loaded = load_model(model_dir, dtype, self.device)
         max_model_len = resolve_max_model_len(config, loaded.shape)
         num_gpu_blocks = self._num_gpu_blocks(loaded, max_model_len, dtype)
