@@ -128,6 +128,87 @@ def test_rotary_store_kv_matches_norm_rotary_and_store(head_dim, scaling, qk_nor
     assert torch.equal(v, v_before)
 
 
+def shuffled_pool(lengths: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_cache, v_cache, block_tables): each row's pages at shuffled places of a pool of random keys
+    and values; table columns past a row's pages point at a spare page."""
+    pages = [max(1, -(-n // block_size)) for n in lengths]
+    order = torch.randperm(sum(pages) + 1, generator=torch.Generator().manual_seed(seed))
+    tables = torch.full((len(lengths), max(pages)), int(order[-1]), dtype=torch.int32)
+    taken = 0
+    for row, count in enumerate(pages):
+        tables[row, :count] = order[taken : taken + count]
+        taken += count
+    shape = (sum(pages) + 1, block_size, kv_heads, head_dim)
+    return (randn(*shape, dtype=dtype, seed=seed + 1), randn(*shape, dtype=dtype, seed=seed + 2),
+            tables.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+@pytest.mark.parametrize(("head_dim", "q_heads", "kv_heads", "num_splits"),
+                         [(64, 8, 2, 1), (64, 8, 2, 3), (128, 6, 6, 2), (16, 8, 1, 4)])
+def test_decode_with_new_tokens_rotates_and_stores_them_itself(head_dim, q_heads, kv_heads, num_splits,
+                                                                  qk_norm, dtype):
+    """paged_decode(new_tokens=...) on the QKV projection's raw q / k / v gives what the unfused path
+    gives (norms, rotary and the K/V write in PyTorch, then the reference attention), and leaves the
+    same pool: the new K/V in each row's newest slot (several splits: only the last one holds it), no
+    write for a padding row (slot -1, context 0)."""
+    block_size = 8
+    lengths = [1, 8, 9, 0, 30]
+    positions = torch.tensor([max(n - 1, 0) for n in lengths], device=DEVICE)
+    q, k, v = split_qkv(len(lengths), q_heads, kv_heads, head_dim, dtype)
+    cos, sin = RotaryEmbedding(head_dim, 64, 10000.0, None).to(DEVICE)(positions)
+    norms = (random_norm(head_dim, 1e-6, dtype, seed=7), random_norm(head_dim, 1e-6, dtype, seed=8)) if qk_norm \
+        else None
+    k_cache, v_cache, tables = shuffled_pool(lengths, kv_heads, head_dim, block_size, dtype, seed=3)
+    slots = [-1 if n == 0 else int(tables[row, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+             for row, n in enumerate(lengths)]
+    slot_mapping = torch.tensor(slots, device=DEVICE)
+    context_lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    for slot in slots:  # the slots being written hold NaN until then
+        if slot >= 0:
+            k_cache.view(-1, kv_heads, head_dim)[slot] = float("nan")
+            v_cache.view(-1, kv_heads, head_dim)[slot] = float("nan")
+
+    expected_q, expected_k = (norms[0](q), norms[1](k)) if norms else (q, k)
+    expected_q, expected_k = apply_rotary(expected_q, cos, sin), apply_rotary(expected_k, cos, sin)
+    expected_k_cache, expected_v_cache = k_cache.clone(), v_cache.clone()
+    reference.store_kvcache(expected_k, v, expected_k_cache, expected_v_cache, slot_mapping)
+    scale = head_dim**-0.5
+    expected = reference.paged_decode(expected_q, expected_k_cache, expected_v_cache, tables, context_lens, scale)
+
+    new_tokens = kernels.NewTokens(k, v, cos, sin, slot_mapping, q_norm_weight=norms[0].weight if norms else None,
+                                   k_norm_weight=norms[1].weight if norms else None, eps=1e-6)
+    q_before = q.clone()
+    actual = kernels.paged_decode(q, k_cache, v_cache, tables, context_lens, scale, num_splits=num_splits,
+                                  min_split_len=1, config=kernels.DecodeConfig(16, 4, 2), new_tokens=new_tokens)
+    assert_close(actual, expected)
+    assert not actual[lengths.index(0)].any()
+    assert_close(k_cache, expected_k_cache)
+    assert torch.equal(v_cache, expected_v_cache)
+    assert torch.equal(q, q_before), "q is rotated in registers, not in place"
+
+
+def test_decode_new_tokens_errors_name_the_field():
+    q, k, v = split_qkv(2, 4, 2, 16, torch.float32)
+    cache = torch.zeros(2, 8, 2, 16, device=DEVICE)
+    tables = torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)
+    lens = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    cos = sin = torch.zeros(2, 8, device=DEVICE)
+    slots = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    cases = [
+        (kernels.NewTokens(k[:1], v[:1], cos, sin, slots), r"k \(1, 2, 16\) and v \(1, 2, 16\) must be \[2, 2, 16\]"),
+        (kernels.NewTokens(k, v, cos, sin, slots[:1]), r"slot_mapping must be \[2\]"),
+        (kernels.NewTokens(k, v, cos[:, :4], sin, slots), r"cos must be \[2, \(1,\) 8\]"),
+        (kernels.NewTokens(k, v, cos, sin, slots, q_norm_weight=torch.ones(16, device=DEVICE)),
+         "both q_norm_weight and k_norm_weight"),
+    ]
+    for new_tokens, message in cases:
+        with pytest.raises(ValueError, match=message):
+            kernels.paged_decode(q, cache, cache, tables, lens, 0.25, new_tokens=new_tokens)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", [88, 96, 1500])  # 1500: two column blocks per row
 def test_silu_and_mul_matches_pytorch(size, dtype):
