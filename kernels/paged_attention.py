@@ -291,23 +291,24 @@ def _decode_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q_rows = q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h
     if NEW_TOKENS:
-        # q and the row's new K / V arrive as the QKV projection left them: they are loaded together,
-        # normalised (Qwen3) and rotated here. The program whose split holds the newest token takes
-        # that token's K/V from registers in its tiles (`fresh` below) and writes them into the pool
-        # after its loop: no store and read back on the step's critical path.
-        kv_new = seq * stride_kn_s + kv_head * stride_kn_h + tl.arange(0, 1)[:, None] * 0  # one row: [1, 1]
-        q, q_swap = _load_heads(q_rows, dims, row_mask[:, None], HEAD_DIM)
-        k_new, k_new_swap = _load_heads(k_new_ptr + kv_new, dims, kv_new >= 0, HEAD_DIM)
-        v_new = tl.load(v_new_ptr + seq * stride_vn_s + kv_head * stride_vn_h + dims)
-        v_new = v_new[None, :].to(v_ptr.dtype.element_ty)
-        slot = tl.load(slot_ptr + seq).to(tl.int64)  # pool offsets can pass 2^31
+        # q and the row's new K arrive as the QKV projection left them: normalise (Qwen3) and rotate
+        # them here, and the program whose split holds the newest token writes its K/V into the pool
+        # first (the barrier makes those stores visible to this program's own tile loads below).
         cos, sin_signed = _rotation(cos_ptr + seq * stride_cos_s, sin_ptr + seq * stride_sin_s, dims, HEAD_DIM)
-        q = _norm_and_rotate(q, q_swap, dims, cos, sin_signed, q_norm_ptr, norm_eps, q_ptr.dtype.element_ty,
-                             HEAD_DIM, QK_NORM)
-        k_new = _norm_and_rotate(k_new, k_new_swap, dims, cos, sin_signed, k_norm_ptr, norm_eps,
-                                 k_new_ptr.dtype.element_ty, HEAD_DIM, QK_NORM).to(k_ptr.dtype.element_ty)
-        writes = (split == used - 1) & (slot >= 0)  # -1 (a padding row) writes nowhere
-        new_pos = tl.where(writes, context_len - 1, -1)
+        q = _norm_and_rotate_rows(q_rows, dims, row_mask[:, None], cos, sin_signed, q_norm_ptr, norm_eps,
+                                  HEAD_DIM, QK_NORM)
+        slot = tl.load(slot_ptr + seq).to(tl.int64)  # pool offsets can pass 2^31
+        if (split == used - 1) & (slot >= 0):  # -1 (a padding row) writes nowhere
+            one = tl.arange(0, 1)[:, None]  # the K/V row as a [1, HEAD_DIM] tile
+            k_new = _norm_and_rotate_rows(k_new_ptr + seq * stride_kn_s + kv_head * stride_kn_h + one * 0, dims,
+                                          one >= 0, cos, sin_signed, k_norm_ptr, norm_eps, HEAD_DIM, QK_NORM)
+            page, in_page = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            k_dst = k_ptr + page * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h + one * 0 + dims[None, :]
+            tl.store(k_dst, k_new.to(k_ptr.dtype.element_ty))
+            v_new = tl.load(v_new_ptr + seq * stride_vn_s + kv_head * stride_vn_h + one * 0 + dims[None, :])
+            v_dst = v_ptr + page * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h + one * 0 + dims[None, :]
+            tl.store(v_dst, v_new.to(v_ptr.dtype.element_ty))
+        tl.debug_barrier()
     else:
         q = tl.load(q_rows + dims[None, :], mask=row_mask[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
@@ -322,9 +323,6 @@ def _decode_kernel(
         in_page = tokens % BLOCK_SIZE
         k_rows = pages * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h
         k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        if NEW_TOKENS:
-            fresh = (tokens == new_pos)[:, None]  # the step's own token: its K/V from registers
-            k = tl.where(fresh, k_new, k)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -333,16 +331,9 @@ def _decode_kernel(
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
         v_rows = pages * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h
         v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        if NEW_TOKENS:
-            v = tl.where(fresh, v_new, v)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
         pages = next_pages
-    if NEW_TOKENS:  # noqa: SIM102 - a compile-time branch around a runtime one
-        if writes:  # after the loop: the tiles above read the pool as it was before the step
-            page, in_page = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            tl.store(k_ptr + page * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h + dims[None, :], k_new)
-            tl.store(v_ptr + page * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h + dims[None, :], v_new)
 
     safe_sum = tl.where(row_sum > 0.0, row_sum, 1.0)  # row_sum is 0 only for an empty range: output 0
     result = acc / safe_sum[:, None]
@@ -371,24 +362,19 @@ def _rotation(cos_row, sin_row, dims, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _load_heads(rows_ptr, dims, mask, HEAD_DIM: tl.constexpr):
-    """Heads [R, HEAD_DIM] at rows_ptr ([R, 1] row pointers) in fp32, and the same with their two
-    halves swapped (what the rotation multiplies by sin)."""
+def _norm_and_rotate_rows(rows_ptr, dims, mask, cos, sin_signed, norm_ptr, eps, HEAD_DIM: tl.constexpr,
+                          NORM: tl.constexpr):
+    """Heads [R, HEAD_DIM] at rows_ptr ([R, 1] row pointers), normalised (NORM: Qwen3's per-head RMSNorm)
+    and rotated as `fused_ops.rotary_store_kv_` does them, rounding where it rounds; returned in the
+    activation dtype."""
+    dtype = rows_ptr.dtype.element_ty
     swapped = (dims + HEAD_DIM // 2) % HEAD_DIM
     x = tl.load(rows_ptr + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-    return x, tl.load(rows_ptr + swapped[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _norm_and_rotate(x, x_swap, dims, cos, sin_signed, norm_ptr, eps, dtype: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
-    """Heads from `_load_heads`, normalised (NORM: Qwen3's per-head RMSNorm) and rotated as
-    `fused_ops.rotary_store_kv_` does them, rounding where it rounds; returned in `dtype`, the
-    activations'."""
+    x_swap = tl.load(rows_ptr + swapped[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
         weight = tl.load(norm_ptr + dims).to(tl.float32)[None, :]
-        weight_swap = tl.load(norm_ptr + (dims + HEAD_DIM // 2) % HEAD_DIM).to(tl.float32)[None, :]
+        weight_swap = tl.load(norm_ptr + swapped).to(tl.float32)[None, :]
         x = ((x * rstd).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
         x_swap = ((x_swap * rstd).to(dtype).to(tl.float32) * weight_swap).to(dtype).to(tl.float32)
     return (x * cos + x_swap * sin_signed).to(dtype)
