@@ -23,7 +23,6 @@ _EXPORTS = {
     "graph_split_plan": "paged_attention",
     "num_sms": "paged_attention",
     "DecodeWorkspace": "paged_attention",
-    "NewTokens": "paged_attention",
     "DecodeConfig": "paged_attention",
     "PrefillConfig": "paged_attention",
     "rms_norm": "fused_ops",

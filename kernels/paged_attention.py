@@ -103,44 +103,6 @@ class DecodeWorkspace:
         )
 
 
-@dataclass(frozen=True)
-class NewTokens:
-    """The decode step's new token of every row as the QKV projection gives it, for `paged_decode` to
-    place itself: q normalised (with norm weights, Qwen3) and rotated, and k / v written to the pool,
-    in the attention kernel instead of a launch of `fused_ops.rotary_store_kv_` before it.
-
-    k, v: [num_seqs, kv_heads, head_dim] (views of the projection are fine; contiguous head_dim).
-    cos, sin: [num_seqs, 1, head_dim / 2] or [num_seqs, head_dim / 2] float32, as `RotaryEmbedding`
-    returns them. slot_mapping: [num_seqs], the pool slot of each row's token (-1 writes nothing).
-    q_norm_weight / k_norm_weight: [head_dim] each, or both None; eps their RMSNorm epsilon.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    slot_mapping: torch.Tensor
-    q_norm_weight: torch.Tensor | None = None
-    k_norm_weight: torch.Tensor | None = None
-    eps: float = 0.0
-
-    def check(self, num_seqs: int, num_kv_heads: int, head_dim: int) -> None:
-        if self.k.shape != (num_seqs, num_kv_heads, head_dim) or self.v.shape != self.k.shape:
-            raise ValueError(f"new_tokens: k {tuple(self.k.shape)} and v {tuple(self.v.shape)} must be "
-                             f"[{num_seqs}, {num_kv_heads}, {head_dim}] (rows, KV heads, head_dim)")
-        if self.slot_mapping.shape != (num_seqs,):
-            raise ValueError(f"new_tokens: slot_mapping must be [{num_seqs}], got {tuple(self.slot_mapping.shape)}")
-        for name, t in (("cos", self.cos), ("sin", self.sin)):
-            if t.shape[0] != num_seqs or t.shape[-1] != head_dim // 2 or t.stride(-1) != 1:
-                raise ValueError(f"new_tokens: {name} must be [{num_seqs}, (1,) {head_dim // 2}] with a "
-                                 f"contiguous last dimension, got {tuple(t.shape)}")
-        for name, t in (("k", self.k), ("v", self.v)):
-            if t.stride(-1) != 1:
-                raise ValueError(f"new_tokens: {name} needs a contiguous head_dim, got strides {t.stride()}")
-        if (self.q_norm_weight is None) != (self.k_norm_weight is None):
-            raise ValueError("new_tokens: pass both q_norm_weight and k_norm_weight, or neither")
-
-
 # A split must cover at least this many tokens to pay for its share of the merge, unless the GPU has
 # SMs to spare (`min_split_tokens`).
 MIN_SPLIT_TOKENS = 256
@@ -255,12 +217,10 @@ def _decode_kernel(
     row_order_ptr, qk_scale, num_splits, min_split_len,
     stride_q_s, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     stride_bt_s, stride_o_s, stride_o_h, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
-    k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slot_ptr, q_norm_ptr, k_norm_ptr, norm_eps,
-    stride_kn_s, stride_kn_h, stride_vn_s, stride_vn_h, stride_cos_s, stride_sin_s,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
     GROUP_POW2: tl.constexpr = 1, SPLITS_PAD: tl.constexpr = 1, SPLIT_CHUNK: tl.constexpr = 1,
-    ORDERED: tl.constexpr = False, NEW_TOKENS: tl.constexpr = False, QK_NORM: tl.constexpr = False,
+    ORDERED: tl.constexpr = False,
 ):
     # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
     # together they read each page of the pool whole.
@@ -289,28 +249,8 @@ def _decode_kernel(
     row_mask = rows < GROUP
     heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
-    q_rows = q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h
-    if NEW_TOKENS:
-        # q and the row's new K arrive as the QKV projection left them: normalise (Qwen3) and rotate
-        # them here, and the program whose split holds the newest token writes its K/V into the pool
-        # first (the barrier makes those stores visible to this program's own tile loads below).
-        cos, sin_signed = _rotation(cos_ptr + seq * stride_cos_s, sin_ptr + seq * stride_sin_s, dims, HEAD_DIM)
-        q = _norm_and_rotate_rows(q_rows, dims, row_mask[:, None], cos, sin_signed, q_norm_ptr, norm_eps,
-                                  HEAD_DIM, QK_NORM)
-        slot = tl.load(slot_ptr + seq).to(tl.int64)  # pool offsets can pass 2^31
-        if (split == used - 1) & (slot >= 0):  # -1 (a padding row) writes nowhere
-            one = tl.arange(0, 1)[:, None]  # the K/V row as a [1, HEAD_DIM] tile
-            k_new = _norm_and_rotate_rows(k_new_ptr + seq * stride_kn_s + kv_head * stride_kn_h + one * 0, dims,
-                                          one >= 0, cos, sin_signed, k_norm_ptr, norm_eps, HEAD_DIM, QK_NORM)
-            page, in_page = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            k_dst = k_ptr + page * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h + one * 0 + dims[None, :]
-            tl.store(k_dst, k_new.to(k_ptr.dtype.element_ty))
-            v_new = tl.load(v_new_ptr + seq * stride_vn_s + kv_head * stride_vn_h + one * 0 + dims[None, :])
-            v_dst = v_ptr + page * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h + one * 0 + dims[None, :]
-            tl.store(v_dst, v_new.to(v_ptr.dtype.element_ty))
-        tl.debug_barrier()
-    else:
-        q = tl.load(q_rows + dims[None, :], mask=row_mask[:, None], other=0.0)
+    q = tl.load(q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + dims[None, :],
+                mask=row_mask[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -349,35 +289,6 @@ def _decode_kernel(
                 stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
                 GROUP, HEAD_DIM, GROUP_POW2, SPLITS_PAD, SPLIT_CHUNK,
             )
-
-
-@triton.jit
-def _rotation(cos_row, sin_row, dims, HEAD_DIM: tl.constexpr):
-    """Neox rotary as one multiply-add over the whole head: x * cos + swap_halves(x) * sin_signed, with
-    cos repeated over both halves and sin negated over the first (rows of [head_dim / 2] fp32)."""
-    half = dims % (HEAD_DIM // 2)
-    cos = tl.load(cos_row + half)
-    sin = tl.load(sin_row + half)
-    return cos[None, :], tl.where(dims < HEAD_DIM // 2, -sin, sin)[None, :]
-
-
-@triton.jit
-def _norm_and_rotate_rows(rows_ptr, dims, mask, cos, sin_signed, norm_ptr, eps, HEAD_DIM: tl.constexpr,
-                          NORM: tl.constexpr):
-    """Heads [R, HEAD_DIM] at rows_ptr ([R, 1] row pointers), normalised (NORM: Qwen3's per-head RMSNorm)
-    and rotated as `fused_ops.rotary_store_kv_` does them, rounding where it rounds; returned in the
-    activation dtype."""
-    dtype = rows_ptr.dtype.element_ty
-    swapped = (dims + HEAD_DIM // 2) % HEAD_DIM
-    x = tl.load(rows_ptr + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_swap = tl.load(rows_ptr + swapped[None, :], mask=mask, other=0.0).to(tl.float32)
-    if NORM:
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-        weight = tl.load(norm_ptr + dims).to(tl.float32)[None, :]
-        weight_swap = tl.load(norm_ptr + swapped).to(tl.float32)[None, :]
-        x = ((x * rstd).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
-        x_swap = ((x_swap * rstd).to(dtype).to(tl.float32) * weight_swap).to(dtype).to(tl.float32)
-    return (x * cos + x_swap * sin_signed).to(dtype)
 
 
 @triton.jit
@@ -449,7 +360,7 @@ def paged_decode(
     context_lens: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
     num_splits: int | None = None, max_context_len: int | None = None,
     workspace: DecodeWorkspace | None = None, config: DecodeConfig | None = None,
-    min_split_len: int | None = None, row_order: torch.Tensor | None = None, new_tokens: NewTokens | None = None,
+    min_split_len: int | None = None, row_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence (q: [num_seqs, q_heads, head_dim]) over its paged KV.
 
@@ -466,9 +377,6 @@ def paged_decode(
     programs take the rows. The GPU starts programs in launch order, so rows longest first keep a few
     long sequences from running alone at the end of a batch of mixed lengths. Results do not depend
     on it.
-
-    new_tokens: q is as the QKV projection gives it, and the kernel first does what
-    `fused_ops.rotary_store_kv_` would (see `NewTokens`); context_lens count the new tokens.
     """
     group, group_pad, head_dim = _check(q, k_cache, v_cache)
     num_seqs, num_q_heads = q.shape[0], q.shape[1]
@@ -497,14 +405,6 @@ def paged_decode(
         part_out, part_lse, counters = out, out[..., 0], context_lens
     po_strides = part_out.stride() if num_splits > 1 else (0, 0, 0)
     pl_strides = part_lse.stride() if num_splits > 1 else (0, 0)
-    if new_tokens is not None:
-        new_tokens.check(num_seqs, num_kv_heads, head_dim)
-        new = new_tokens
-        new_args = (new.k, new.v, new.cos, new.sin, new.slot_mapping, new.q_norm_weight, new.k_norm_weight, new.eps,
-                    new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
-                    new.sin.stride(0))
-    else:  # never dereferenced: NEW_TOKENS is compiled out
-        new_args = (q, q, q, q, context_lens, None, None, 0.0, 0, 0, 0, 0, 0, 0)
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, counters,
         context_lens if row_order is None else row_order,  # read only when ORDERED
@@ -512,11 +412,10 @@ def paged_decode(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1], *new_args,
+        po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1],
         GROUP=group, GROUP_PAD=max(group_pad, 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        ORDERED=row_order is not None, NEW_TOKENS=new_tokens is not None,
-        QK_NORM=new_tokens is not None and new_tokens.q_norm_weight is not None,
+        ORDERED=row_order is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_merge_shape(group, head_dim, num_splits),
         **launch_options(q.device),
     )

@@ -37,11 +37,7 @@ DECODE_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")},
                "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "part_out_ptr": "*fp32",
                "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "row_order_ptr": "*i32", "qk_scale": "fp32"}
 DECODE_CONSTS = {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": 64, "SPLIT": True,
-                 "DOT_PRECISION": "tf32", "GROUP_POW2": 4, "SPLITS_PAD": 64, "SPLIT_CHUNK": 8, "ORDERED": True,
-                 "NEW_TOKENS": False, "QK_NORM": False}
-# The decode step's variant: q/k norm, rotary and the K/V write inside (`paged_decode(new_tokens=)`).
-DECODE_NEW_ARGS = {**DECODE_ARGS, **{n: "*bf16" for n in ("k_new_ptr", "v_new_ptr", "q_norm_ptr", "k_norm_ptr")},
-                   "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "norm_eps": "fp32"}
+                 "DOT_PRECISION": "tf32", "GROUP_POW2": 4, "SPLITS_PAD": 64, "SPLIT_CHUNK": 8, "ORDERED": True}
 ROTARY_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "q_norm_ptr", "k_norm_ptr", "k_cache_ptr",
                                        "v_cache_ptr")},
                "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "eps": "fp32"}
@@ -55,8 +51,6 @@ PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
 KERNELS = {
     "gemv": (gemv._skinny_linear_kernel, GEMV_ARGS, GEMV_CONSTS, {"num_warps": 4}),
     "decode-split": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_CONSTS, {"num_warps": 4, "num_stages": 3}),
-    "decode-new-tokens": (paged_attention._decode_kernel, DECODE_NEW_ARGS,
-                          {**DECODE_CONSTS, "NEW_TOKENS": True, "QK_NORM": True}, {"num_warps": 4, "num_stages": 3}),
     "rms-norm": (fused_ops._rms_norm_kernel,
                  {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},
                  {"HIDDEN": 2048, "BLOCK": 2048, "HAS_RESIDUAL": True}, {"num_warps": 8}),

@@ -351,21 +351,18 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         q_norm: RMSNorm | None, k_norm: RMSNorm | None, metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        norm_weights = {
-            "q_norm_weight": None if q_norm is None else q_norm.weight,
-            "k_norm_weight": None if k_norm is None else k_norm.weight,
-            "eps": 0.0 if q_norm is None else q_norm.eps,  # q_norm and k_norm share the model's rms_norm_eps
-        }
+        # Norms, rotary and the K/V write are one launch; attention then reads K/V from the pool only.
+        kernels.rotary_store_kv_(
+            q, k, v, cos, sin, self.k_cache, self.v_cache, metadata.slot_mapping,
+            q_norm_weight=None if q_norm is None else q_norm.weight,
+            k_norm_weight=None if k_norm is None else k_norm.weight,
+            eps=0.0 if q_norm is None else q_norm.eps,  # q_norm and k_norm share the model's rms_norm_eps
+        )
         if metadata.is_decode:
-            # The decode kernel norms and rotates q and k and writes the new K/V itself: one launch
-            # fewer per layer, which at batch 1 is a few microseconds of a ~50 us layer.
-            new_tokens = kernels.NewTokens(k, v, cos, sin, metadata.slot_mapping, **norm_weights)
             return kernels.paged_decode(
                 q, self.k_cache, self.v_cache, metadata.block_tables, metadata.context_lens, scale=self.scale,
-                num_splits=metadata.decode_splits, row_order=metadata.decode_row_order, new_tokens=new_tokens,
+                num_splits=metadata.decode_splits, row_order=metadata.decode_row_order,
             )
-        # Norms, rotary and the K/V write are one launch; attention then reads K/V from the pool only.
-        kernels.rotary_store_kv_(q, k, v, cos, sin, self.k_cache, self.v_cache, metadata.slot_mapping, **norm_weights)
         return kernels.paged_prefill(
             q, self.k_cache, self.v_cache, metadata.block_tables, metadata.query_start_loc,
             metadata.context_lens, scale=self.scale,
