@@ -31,7 +31,6 @@ _EXPORTS = {
     "silu_and_mul": "fused_ops",
     "sample_tokens": "sampling",
     "skinny_linear": "gemv",
-    "norm_skinny_linear": "gemv",
     "GEMV_MAX_ROWS": "gemv",
     "GemvConfig": "gemv",
     "gemv_candidates": "gemv",

@@ -110,14 +110,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _skinny_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, counter_ptr, residual_ptr, residual_out_ptr, norm_ptr,
-    sumsq_ptr, eps,
+    x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, counter_ptr,
     M, N, K, k_per_split, split_k,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_rm, stride_rom,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False, NORM: tl.constexpr = False,
-    ADD_RESIDUAL: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -131,17 +129,13 @@ def _skinny_linear_kernel(
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_start + offs_k)[None, :] * stride_wk
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
     row_ok = offs_m[:, None] < M
-    # ADD_RESIDUAL: the programs of N tile 0 store the residual sum (each the K range of its split).
-    stores_sum = offs_m[:, None] < tl.where(pid_n == 0, M, 0)
     acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
-    sumsq = tl.zeros((M_PAD,), tl.float32)  # NORM: this split's share of each row's sum of squares
     if PDL:
         # The first weight tile streams in while the previous kernel finishes (weights are never
         # written); x, that kernel's output, is read after the wait. Every split has a first tile.
         w = _load_w(w_ptrs, k_start, K, offs_k, EVEN_K)
         wait_for_previous_kernel(PDL)
-        x, sumsq = _x_tile(x_ptrs, k_start, K, offs_k, offs_m, row_ok, stores_sum, sumsq, residual_ptr,
-                           residual_out_ptr, norm_ptr, stride_rm, stride_rom, EVEN_K, NORM, ADD_RESIDUAL)
+        x = _load_x(x_ptrs, k_start, K, offs_k, row_ok, EVEN_K)
         acc = _multiply(acc, x, w, DOT, DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
@@ -150,69 +144,27 @@ def _skinny_linear_kernel(
     # pipeline only loads that feed a tl.dot, i.e. not the FMA path's).
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         w = _load_w(w_ptrs, k, K, offs_k, EVEN_K)
-        x, sumsq = _x_tile(x_ptrs, k, K, offs_k, offs_m, row_ok, stores_sum, sumsq, residual_ptr, residual_out_ptr,
-                           norm_ptr, stride_rm, stride_rom, EVEN_K, NORM, ADD_RESIDUAL)
+        x = _load_x(x_ptrs, k, K, offs_k, row_ok, EVEN_K)
         acc = _multiply(acc, x, w, DOT, DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
 
     out_mask = row_ok & (offs_n[None, :] < N)
     if SPLIT:
-        # Partials are [split_k, M, N] fp32 (NORM: and each split's sums of squares, [N tiles,
-        # split_k, M_PAD]). The barrier orders every thread's partial store before the (one-thread)
-        # release-acquire atomic; the last to arrive then sees all partials.
+        # Partials are [split_k, M, N] fp32. The barrier orders every thread's partial store before
+        # the (one-thread) release-acquire atomic; the last to arrive then sees all partials.
         part_ptrs = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(part_ptrs + split * M * N, acc, mask=out_mask)
-        sumsq_row = sumsq_ptr + (pid_n * split_k) * M_PAD + offs_m
-        if NORM:
-            tl.store(sumsq_row + split * M_PAD, sumsq)
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
         if arrived == split_k - 1:
             acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
-            sumsq = tl.zeros((M_PAD,), tl.float32)
             for s in range(split_k):  # in split order, whichever program came last: deterministic
                 acc += tl.load(part_ptrs + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if NORM:
-                    sumsq += tl.load(sumsq_row + s * M_PAD, cache_modifier=".cg")
             tl.store(counter_ptr + pid_n, 0)
-            acc = _normalise(acc, sumsq, K, eps, NORM)
             _store_rows(acc, bias_ptr, y_ptr, offs_m, offs_n, N, stride_b, stride_ym, out_mask, HAS_BIAS)
     else:
-        acc = _normalise(acc, sumsq, K, eps, NORM)
         _store_rows(acc, bias_ptr, y_ptr, offs_m, offs_n, N, stride_b, stride_ym, out_mask, HAS_BIAS)
-
-
-@triton.jit
-def _x_tile(x_ptrs, k, K, offs_k, offs_m, row_ok, stores_sum, sumsq, residual_ptr, residual_out_ptr, norm_ptr,
-            stride_rm, stride_rom, EVEN_K: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
-    """The x operand of one K tile, and the running sums of squares.
-
-    Plain: x's tile. NORM: h = x (+ residual, rounded to x's dtype as PyTorch's `x + residual` is; the
-    rows in stores_sum store it to residual_out), then h * norm_weight rounded to x's dtype; the sum
-    of h's squares accumulates in sumsq. RMSNorm's 1 / rms(h) is a factor of each output row, so it is
-    applied to the accumulator at the end (`_normalise`) instead of to x before the multiply."""
-    x = _load_x(x_ptrs, k, K, offs_k, row_ok, EVEN_K)
-    if NORM:
-        cols = (k + offs_k)[None, :]
-        mask = row_ok if EVEN_K else row_ok & (cols < K)
-        if ADD_RESIDUAL:
-            r = tl.load(residual_ptr + offs_m[:, None] * stride_rm + cols, mask=mask, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
-            tl.store(residual_out_ptr + offs_m[:, None] * stride_rom + cols, x, mask=mask & stores_sum)
-        h = x.to(tl.float32)
-        sumsq += tl.sum(h * h, axis=1)
-        g = tl.load(norm_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        x = (h * g).to(x.dtype)
-    return x, sumsq
-
-
-@triton.jit
-def _normalise(acc, sumsq, K, eps, NORM: tl.constexpr):
-    """acc rows times 1 / rms of their input rows (NORM), as RMSNorm would have scaled x."""
-    if NORM:
-        acc = acc * tl.rsqrt(sumsq / K + eps)[:, None]
-    return acc
 
 
 @triton.jit
@@ -252,36 +204,6 @@ def skinny_linear(
 
     x may be any strided view (rows of a larger buffer, an offset start); weight and bias any strides.
     `config` defaults to `GemvConfig.default` for the shape and device."""
-    return _launch(x, weight, bias, config, None)
-
-
-def norm_skinny_linear(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-    bias: torch.Tensor | None = None, *, config: GemvConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A pre-norm residual step and the projection after it, in one launch, for 1 <= M <= 8 rows:
-    h = x + residual (rounded to x's dtype; h = x without a residual), then
-    y = (norm_weight * h / rms(h)) @ weight^T (+ bias). Returns (y, h): h is a new tensor (the next
-    residual), x and residual are left as they were.
-
-    Unlike `RMSNorm`, which rounds h / rms(h) and its product with the weight to x's dtype before the
-    projection, this rounds norm_weight * h and scales the fp32 accumulator by 1 / rms(h): the result
-    is within the activation dtype's rounding of the unfused one, not equal to it bit for bit."""
-    if norm_weight.shape != (x.shape[-1],):
-        raise ValueError(f"norm_weight must be [{x.shape[-1]}], got {tuple(norm_weight.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
-    for name, t in (("x", x), ("residual", residual), ("norm_weight", norm_weight)):
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"norm_skinny_linear: {name} needs a contiguous last dimension, got strides {t.stride()}")
-    h = x if residual is None else torch.empty_like(x)
-    return _launch(x, weight, bias, config, (residual, h, norm_weight, eps)), h
-
-
-def _launch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig | None,
-    norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None,
-) -> torch.Tensor:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"skinny_linear wants x [M, K] and weight [N, K], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -298,28 +220,20 @@ def _launch(
     tiles_per_split = cdiv(k_tiles, cfg.split_k)
     split_k = cdiv(k_tiles, tiles_per_split)  # the config's count, less any split left empty
     n_tiles = cdiv(N, cfg.block_n)
-    m_pad = 16 if cfg.dot else next_power_of_2(M)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if split_k > 1:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, n_tiles)
     else:
         partials = counters = y  # never read: the kernel's SPLIT branch is compiled out
-    residual, residual_out, norm_weight, eps = norm if norm is not None else (None, y, y, 0.0)
-    # NORM with splits: each split's sums of squares, per N tile (read by that tile's last program).
-    sumsq = torch.empty((n_tiles, split_k, m_pad), dtype=torch.float32, device=x.device) \
-        if norm is not None and split_k > 1 else y
-    residual_arg = residual if residual is not None else y  # never read without ADD_RESIDUAL
     _skinny_linear_kernel[(n_tiles, split_k)](
-        x, weight, y if bias is None else bias, y, partials, counters, residual_arg, residual_out, norm_weight,
-        sumsq, eps,
+        x, weight, y if bias is None else bias, y, partials, counters,
         M, N, K, tiles_per_split * cfg.block_k, split_k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0),
-        y.stride(0), residual_arg.stride(0), residual_out.stride(0),
-        M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        y.stride(0),
+        M_PAD=16 if cfg.dot else next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages, SPLIT=split_k > 1, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=bias is not None,
-        DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), NORM=norm is not None,
-        ADD_RESIDUAL=residual is not None, num_warps=cfg.num_warps,
+        DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
         **launch_options(x.device),
     )
     return y

@@ -32,10 +32,7 @@ def ptx(fn, pointers: dict[str, str], constexprs: dict, **options) -> str:
 GEMV_ARGS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "partial_ptr": "*fp32",
              "counter_ptr": "*i32"}
 GEMV_CONSTS = {"M_PAD": 16, "BLOCK_N": 64, "BLOCK_K": 128, "NUM_STAGES": 4, "SPLIT": True, "EVEN_K": True,
-               "HAS_BIAS": False, "DOT": True, "DOT_PRECISION": "tf32", "NORM": False, "ADD_RESIDUAL": False}
-# norm_skinny_linear: the residual add and RMSNorm folded into the GEMV.
-GEMV_NORM_ARGS = {**GEMV_ARGS, "residual_ptr": "*bf16", "residual_out_ptr": "*bf16", "norm_ptr": "*bf16",
-                  "sumsq_ptr": "*fp32", "eps": "fp32"}
+               "HAS_BIAS": False, "DOT": True, "DOT_PRECISION": "tf32"}
 DECODE_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")},
                "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "part_out_ptr": "*fp32",
                "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "row_order_ptr": "*i32", "qk_scale": "fp32"}
@@ -53,8 +50,6 @@ PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
                   "SEQS_POW2": 256}
 KERNELS = {
     "gemv": (gemv._skinny_linear_kernel, GEMV_ARGS, GEMV_CONSTS, {"num_warps": 4}),
-    "gemv-norm": (gemv._skinny_linear_kernel, GEMV_NORM_ARGS, {**GEMV_CONSTS, "NORM": True, "ADD_RESIDUAL": True},
-                  {"num_warps": 4}),
     "decode-split": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_CONSTS, {"num_warps": 4, "num_stages": 3}),
     "rms-norm": (fused_ops._rms_norm_kernel,
                  {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},

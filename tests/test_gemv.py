@@ -89,45 +89,6 @@ def test_strided_and_offset_rows(dtype: torch.dtype, config: GemvConfig) -> None
     assert_close(skinny_linear(xt, weight, config=config), reference(xt, weight, None), dtype)
 
 
-def norm_reference(x, residual, norm_weight, eps, weight, bias):
-    """(y, h) of norm_skinny_linear in PyTorch: h rounded as `x + residual` is, the norm in float64."""
-    h = x if residual is None else x + residual
-    h64 = h.double()
-    normed = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
-    return reference(normed, weight, bias), h
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
-@pytest.mark.parametrize("with_residual", [False, True], ids=["first-layer", "residual"])
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 96), (3, 100, 200), (8, 16, 40)])
-def test_norm_skinny_linear_is_the_residual_add_rms_norm_and_projection(dtype, config, with_residual, m, n, k):
-    """One launch for `RMSNorm.add_and_norm` and the projection after it: y within the dtype's rounding
-    of norm-then-linear, h (the next residual) exactly `x + residual`, inputs untouched, counters reset.
-    Rows of large and small scale: 1 / rms must be each row's own."""
-    x = (torch.randn(m, k, device=DEVICE) * torch.logspace(-1, 1, m, device=DEVICE)[:, None]).to(dtype)
-    residual = torch.randn(m, k, device=DEVICE).to(dtype) if with_residual else None
-    norm_weight = (1.0 + 0.2 * torch.randn(k, device=DEVICE)).to(dtype)
-    _, weight, bias = make(1, n, k, dtype, bias=m != 3)
-    before = [t.clone() for t in (x, residual) if t is not None]
-    y, h = kernels.norm_skinny_linear(x, residual, norm_weight, 1e-5, weight, bias, config=config)
-    expected_y, expected_h = norm_reference(x, residual, norm_weight, 1e-5, weight, bias)
-    assert torch.equal(h, expected_h)
-    # The unfused path rounds the normalised row to the dtype before the projection: allow that once more.
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(y.float(), expected_y, rtol=2 * rtol, atol=2 * atol)
-    assert all(torch.equal(a, b) for a, b in zip([t for t in (x, residual) if t is not None], before, strict=True))
-    assert all_zero()
-
-
-def test_norm_skinny_linear_errors_name_the_field() -> None:
-    x, weight, _ = make(2, 16, 32, torch.float32, bias=False)
-    with pytest.raises(ValueError, match=r"norm_weight must be \[32\]"):
-        kernels.norm_skinny_linear(x, None, torch.ones(16, device=DEVICE), 1e-5, weight)
-    with pytest.raises(ValueError, match=r"residual .* must match x"):
-        kernels.norm_skinny_linear(x, x[:1], torch.ones(32, device=DEVICE), 1e-5, weight)
-
-
 def test_split_larger_than_k_tiles() -> None:
     """More splits than K tiles: the empty ones are dropped (balanced_split), the result unchanged."""
     assert balanced_split(3, 10) == 3 and balanced_split(8, 3) == 3 and balanced_split(32, 5) == 5
@@ -317,36 +278,6 @@ def test_decode_gemv_takes_the_named_projections_of_one_to_eight_16_bit_rows(dec
             assert_close(layers.linear(x, weight, bias, projection=projection), reference(x, weight, bias),
                          torch.float16)
             assert rows_seen == ([8] if projection in taken else []), (setting, projection)
-
-
-@pytest.mark.parametrize("with_residual", [False, True], ids=["first-layer", "residual"])
-def test_norm_and_project_folds_the_norm_into_the_gemv_it_routes_to(decode_kernels, monkeypatch, with_residual):
-    """`layers.norm_and_project` (the decoder's pre-norm step and the projection after it): one
-    norm_skinny_linear launch where the projection takes the GEMV, the same (y, next residual) as the
-    PyTorch path within fp16 rounding, and the two-step path where it does not."""
-    calls = []
-    real = kernels.norm_skinny_linear
-    monkeypatch.setattr(kernels, "norm_skinny_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    with torch.device(DEVICE):
-        norm = layers.RMSNorm(64, 1e-6).to(torch.float16)
-        qkv = layers.ColumnParallelLinear(64, 48, bias=True, projection="qkv").to(torch.float16)
-    for param in (norm.weight, qkv.weight, qkv.bias):
-        param.data = (1.0 if param.dim() == 1 and param is norm.weight else 0.0) + 0.3 * torch.randn_like(param)
-    x = torch.randn(3, 64, device=DEVICE).to(torch.float16)
-    residual = torch.randn(3, 64, device=DEVICE).to(torch.float16) if with_residual else None
-
-    def run(routing: str, triton: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        decode_kernels(programmatic_launch=False, gemv_projections=gemv_projections(routing))
-        monkeypatch.setattr(layers, "use_triton", lambda t: triton)  # the CUDA path's kernels, interpreted
-        return layers.norm_and_project(norm, qkv, x.clone(), None if residual is None else residual.clone())
-
-    expected_y, expected_h = run("off", triton=False)  # PyTorch's RMSNorm and F.linear
-    for routing, fused in (("qkv", True), ("o,down", False)):
-        calls.clear()
-        y, h = run(routing)
-        assert len(calls) == int(fused), routing
-        torch.testing.assert_close(h, expected_h, rtol=0, atol=0)
-        torch.testing.assert_close(y, expected_y, rtol=4e-3, atol=4e-3)
 
 
 def test_programmatic_launch_only_reaches_hopper_and_later(decode_kernels):

@@ -53,18 +53,13 @@ def configure_decode_kernels(*, programmatic_launch: bool, gemv_projections: Col
     pdl.enable(programmatic_launch)
 
 
-def takes_gemv(projection: str, x: torch.Tensor) -> bool:
-    """Whether `projection` ("qkv", "o", "gate_up" or "down") of input x runs on the split-K GEMV: it is
-    routed there, and x is a 16-bit decode batch of at most GEMV_MAX_ROWS rows on the Triton path."""
-    return (projection in _gemv_projections and use_triton(x) and x.dtype in (torch.float16, torch.bfloat16)
-            and 1 <= x.shape[0] <= kernels.GEMV_MAX_ROWS)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            projection: str) -> torch.Tensor:
-    """F.linear, or `kernels.skinny_linear` where `takes_gemv` (it streams the weight once whatever the
-    rows, where cuBLAS is latency-bound)."""
-    if takes_gemv(projection, x):
+    """F.linear, or `kernels.skinny_linear` for a 16-bit decode batch of at most GEMV_MAX_ROWS rows when
+    the GEMV is on for this projection ("qkv", "o", "gate_up" or "down"; it streams the weight once
+    whatever the rows, where cuBLAS is latency-bound)."""
+    if (projection in _gemv_projections and use_triton(x) and x.dtype in (torch.float16, torch.bfloat16)
+            and 1 <= x.shape[0] <= kernels.GEMV_MAX_ROWS):
         return kernels.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -258,23 +253,6 @@ class RMSNorm(nn.Module):
             return kernels.add_rms_norm_(x, residual, self.weight, self.eps)
         residual = x + residual
         return self(residual), residual
-
-
-def norm_and_project(
-    norm: RMSNorm, projection: ColumnParallelLinear, x: torch.Tensor, residual: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A pre-norm residual step and the column-parallel projection after it: returns
-    (projection(norm(x + residual)), x + residual), or (projection(norm(x)), x) for the first layer.
-    Where the projection takes the GEMV the two are one launch (`kernels.norm_skinny_linear`, within
-    the activation dtype's rounding of the two-step path); otherwise as `RMSNorm.add_and_norm`, which
-    on the Triton path overwrites x and residual."""
-    if takes_gemv(projection.projection, x):
-        return kernels.norm_skinny_linear(x, residual, norm.weight, norm.eps, projection.weight, projection.bias)
-    if residual is None:
-        normed, residual = norm(x), x
-    else:
-        normed, residual = norm.add_and_norm(x, residual)
-    return projection(normed), residual
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -24,7 +24,6 @@ from streampage.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
-    norm_and_project,
     silu_and_mul,
 )
 
@@ -170,10 +169,9 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d, scale=d**-0.5)
 
-    def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """qkv: the QKV projection of the normalised hidden states (`norm_and_project`)."""
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         d = self.attn.head_dim
-        q, k, v = qkv.split(self.qkv_proj.split_sizes, dim=-1)
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.split_sizes, dim=-1)
         q, k, v = q.unflatten(-1, (-1, d)), k.unflatten(-1, (-1, d)), v.unflatten(-1, (-1, d))
         out = self.attn(q, k, v, cos, sin, self.q_norm, self.k_norm)  # q/k norm (Qwen3) and rotary inside
         return self.o_proj(out.flatten(1))
@@ -187,9 +185,8 @@ class LlamaMLP(nn.Module):
                                                        projection="gate_up")
         self.down_proj = RowParallelLinear(size, spec.hidden_size, bias=spec.mlp_bias, projection="down")
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """gate_up: the gate/up projection of the normalised hidden states (`norm_and_project`)."""
-        return self.down_proj(silu_and_mul(gate_up))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -205,11 +202,14 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm block. The residual stream travels beside the block's output so that each norm adds
         it in: returns (mlp output, residual), whose sum is the block's output. On the fused (CUDA) path
-        the norms may work in place: the `hidden` and `residual` passed in can be overwritten."""
-        qkv, residual = norm_and_project(self.input_layernorm, self.self_attn.qkv_proj, hidden, residual)
-        hidden = self.self_attn(qkv, cos, sin)
-        gate_up, residual = norm_and_project(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual)
-        return self.mlp(gate_up), residual
+        the norms work in place: the `hidden` and `residual` passed in are overwritten."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
