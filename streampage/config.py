@@ -129,8 +129,8 @@ class RunnerConfig:
     # (Hopper+: each starts under the previous one's tail; on by default since it measured faster on
     # the H200), and which projections of 1-8 rows take the Triton split-K GEMV instead of cuBLAS:
     # "off", "all", "row-parallel" (the O and down projections, where cuBLAS at one row leaves the
-    # most bandwidth unused) or a comma list of projections, e.g. "qkv,o". Off: on the H200 (session 6)
-    # row-parallel took the 1B's batch-1 step 3.5% faster and the 8B's 2% slower.
+    # most bandwidth unused) or a comma list of projections, e.g. "qkv,o". Off: on the H200 (sessions
+    # 6-7) the routings that include O or down took the 1B's batch-1 step 2-4% faster, none the 8B's.
     programmatic_launch: bool = True
     decode_gemv: str = "off"
     # Decode graphs launch attention over the rows longest first, so that in a batch of mixed context
