@@ -113,7 +113,7 @@ def gemv_projections(decode_gemv: str) -> frozenset[str]:
         return frozenset(DECODE_GEMV_SHORTHANDS[decode_gemv])
     names = [name.strip() for name in decode_gemv.split(",")]
     unknown = [name for name in names if name not in GEMV_PROJECTIONS]
-    if unknown or not decode_gemv:
+    if unknown:  # "" splits into [""], which is unknown too
         raise ConfigError(
             f"decode_gemv must be one of {', '.join(DECODE_GEMV_SHORTHANDS)} or a comma list of "
             f"{', '.join(GEMV_PROJECTIONS)}, got {decode_gemv!r}"
