@@ -48,9 +48,15 @@ def configure_decode_kernels(*, programmatic_launch: bool, gemv_projections: Col
     that take the split-K GEMV for 1 to GEMV_MAX_ROWS rows (the decode graphs of batch 1-8)."""
     global _gemv_projections
     _gemv_projections = frozenset(gemv_projections)
-    from streampage.kernels import pdl  # Triton loads here, not when the model package is imported
+    import os  # EXPERIMENT (session 8): switches under test, to become options or go
 
-    pdl.enable(programmatic_launch)
+    from streampage.kernels import (
+        gemv,
+        pdl,  # Triton loads here, not when the model package is imported
+    )
+
+    pdl.enable(programmatic_launch, trigger_first=os.environ.get("STREAMPAGE_PDL_TRIGGER_FIRST") == "1")
+    gemv.set_l2_prefetch(float(os.environ.get("STREAMPAGE_GEMV_L2_PREFETCH", "0")))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
