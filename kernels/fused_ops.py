@@ -32,7 +32,6 @@ from .pdl import launch_options, wait_for_previous_kernel
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_r, stride_o, eps,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr = False,
-    TRIGGER_FIRST: tl.constexpr = False,
 ):
     # One program per row; the whole row stays in registers, so in-place outputs (out = x) are safe:
     # every element is loaded before any is stored.
@@ -40,7 +39,7 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: before the wait
-    wait_for_previous_kernel(PDL, TRIGGER_FIRST)
+    wait_for_previous_kernel(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -69,7 +68,7 @@ def _launch_rms_norm(
         x, residual_arg, weight, out, x.stride(0), residual_arg.stride(0), out.stride(0), eps,
         HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
         num_warps=max(1, min(16, block // 256)),  # about 8 elements per thread
-        **launch_options(x.device, may_trigger_first=True),
+        **launch_options(x.device),
     )
 
 
@@ -133,10 +132,10 @@ def _rotary_store_kv_kernel(
     stride_kc_b, stride_kc_t, stride_kc_h, stride_vc_b, stride_vc_t, stride_vc_h,
     NUM_Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_NORM: tl.constexpr, PDL: tl.constexpr = False, TRIGGER_FIRST: tl.constexpr = False,
+    HAS_NORM: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # Program (t, 0) handles token t's query heads; (t, 1) its key heads and the K/V write.
-    wait_for_previous_kernel(PDL, TRIGGER_FIRST)
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, HALF_PAD)[None, :]
     cos = tl.load(cos_ptr + token * stride_cos_t + dims, mask=dims < HALF, other=0.0).to(tl.float32)
@@ -199,8 +198,7 @@ def rotary_store_kv_(
         NUM_Q_HEADS=num_q_heads, Q_HEADS_PAD=next_power_of_2(num_q_heads), NUM_KV_HEADS=num_kv_heads,
         KV_HEADS_PAD=next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=next_power_of_2(half),
         BLOCK_SIZE=k_cache.shape[1], HAS_NORM=q_norm_weight is not None,
-        num_warps=4 if num_q_heads * head_dim <= 4096 else 8,
-        **launch_options(q.device, may_trigger_first=True),
+        num_warps=4 if num_q_heads * head_dim <= 4096 else 8, **launch_options(q.device),
     )
 
 
@@ -209,9 +207,8 @@ _SILU_BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                         TRIGGER_FIRST: tl.constexpr = False):
-    wait_for_previous_kernel(PDL, TRIGGER_FIRST)
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < size
@@ -233,7 +230,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((num_tokens, size), dtype=x.dtype, device=x.device)
     block = min(_SILU_BLOCK, next_power_of_2(size))
     _silu_and_mul_kernel[(num_tokens, cdiv(size, block))](
-        x, out, x.stride(0), out.stride(0), size, BLOCK=block, num_warps=4,
-        **launch_options(x.device, may_trigger_first=True),
+        x, out, x.stride(0), out.stride(0), size, BLOCK=block, num_warps=4, **launch_options(x.device),
     )
     return out

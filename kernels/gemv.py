@@ -25,7 +25,6 @@ graph's pool inside a capture).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -105,37 +104,6 @@ def gemv_candidates(M: int, N: int, K: int, sms: int = 132, itemsize: int = 2,
     return found
 
 
-# Share of the L2 cache that one GEMV launch may prefetch into before its PDL wait (0: none).
-_l2_prefetch_share = 0.0
-
-
-def set_l2_prefetch(share: float) -> None:
-    """Let each later GEMV launched under PDL prefetch up to `share` of the L2 cache of its weight
-    before it waits for the previous kernel (0 turns it off)."""
-    global _l2_prefetch_share
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"the L2 prefetch share must be in [0, 1], got {share}")
-    _l2_prefetch_share = share
-
-
-@functools.cache
-def _l2_bytes(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).L2_cache_size
-
-
-def _prefetch_cols(weight: torch.Tensor, programs: int, block_n: int, cols_per_split: int) -> int:
-    """Columns of each program's rows to prefetch into L2: the programs together take at most the
-    configured share of L2, each from the start of its split. Zero unless every prefetch can be a
-    16-byte aligned bulk copy of whole 16-byte units (contiguous rows of a 16-byte multiple)."""
-    es = weight.element_size()
-    if (not _l2_prefetch_share or weight.stride(1) != 1 or (weight.stride(0) * es) % 16
-            or (weight.shape[1] * es) % 16 or weight.data_ptr() % 16):
-        return 0
-    budget = int(_l2_prefetch_share * _l2_bytes(weight.device))
-    cols = min(cols_per_split, budget // (programs * block_n * es))
-    return cols - cols % (16 // es)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
 
@@ -143,11 +111,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _skinny_linear_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, counter_ptr,
-    M, N, K, k_per_split, split_k, prefetch_cols,
+    M, N, K, k_per_split, split_k,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, W_BYTES: tl.constexpr, PDL: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -165,11 +133,6 @@ def _skinny_linear_kernel(
     if PDL:
         # The first weight tile streams in while the previous kernel finishes (weights are never
         # written); x, that kernel's output, is read after the wait. Every split has a first tile.
-        # Before it, the first prefetch_cols columns of this program's rows are requested into L2,
-        # so the loop after the wait finds them there.
-        if prefetch_cols > 0:
-            nbytes = tl.minimum(prefetch_cols, k_end - k_start) * W_BYTES
-            _prefetch_l2(w_ptr + rows_n * stride_wn + k_start * stride_wk, nbytes + tl.zeros_like(offs_n))
         w = _load_w(w_ptrs, k_start, K, offs_k, EVEN_K)
         wait_for_previous_kernel(PDL)
         x = _load_x(x_ptrs, k_start, K, offs_k, row_ok, EVEN_K)
@@ -202,16 +165,6 @@ def _skinny_linear_kernel(
             _store_rows(acc, bias_ptr, y_ptr, offs_m, offs_n, N, stride_b, stride_ym, out_mask, HAS_BIAS)
     else:
         _store_rows(acc, bias_ptr, y_ptr, offs_m, offs_n, N, stride_b, stride_ym, out_mask, HAS_BIAS)
-
-
-@triton.jit
-def _prefetch_l2(row_ptrs, nbytes):
-    """One bulk L2 prefetch (sm_90) of nbytes from each of row_ptrs: 16-byte aligned addresses and
-    sizes, and the data is read by nobody here (a hint, no result)."""
-    tl.inline_asm_elementwise(
-        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r", [row_ptrs, nbytes],
-        dtype=tl.int32, is_pure=False, pack=1,
-    )
 
 
 @triton.jit
@@ -273,17 +226,14 @@ def skinny_linear(
         counters = arrival_counters(x.device, n_tiles)
     else:
         partials = counters = y  # never read: the kernel's SPLIT branch is compiled out
-    pdl_options = launch_options(x.device)
-    prefetch_cols = (_prefetch_cols(weight, n_tiles * split_k, cfg.block_n, tiles_per_split * cfg.block_k)
-                     if pdl_options else 0)  # only a PDL launch prefetches (before its wait)
     _skinny_linear_kernel[(n_tiles, split_k)](
         x, weight, y if bias is None else bias, y, partials, counters,
-        M, N, K, tiles_per_split * cfg.block_k, split_k, prefetch_cols,
+        M, N, K, tiles_per_split * cfg.block_k, split_k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0),
         y.stride(0),
         M_PAD=16 if cfg.dot else next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages, SPLIT=split_k > 1, EVEN_K=K % cfg.block_k == 0, HAS_BIAS=bias is not None,
-        DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), W_BYTES=weight.element_size(),
-        num_warps=cfg.num_warps, **pdl_options,
+        DOT=cfg.dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
+        **launch_options(x.device),
     )
     return y

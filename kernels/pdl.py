@@ -28,16 +28,12 @@ import triton
 import triton.language as tl
 
 _enabled = False
-_trigger_first = False
 
 
-def enable(flag: bool, *, trigger_first: bool = False) -> None:
-    """Turn PDL on or off for every later launch in this process. `trigger_first`: the kernels that
-    allow it (`launch_options(..., may_trigger_first=True)`) let the next kernel launch before their
-    own wait rather than after it (`wait_for_previous_kernel`)."""
-    global _enabled, _trigger_first
+def enable(flag: bool) -> None:
+    """Turn PDL on or off for every later launch in this process."""
+    global _enabled
     _enabled = flag
-    _trigger_first = trigger_first
 
 
 @functools.cache
@@ -45,31 +41,16 @@ def _supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def launch_options(device: torch.device, *, may_trigger_first: bool = False) -> dict[str, bool]:
+def launch_options(device: torch.device) -> dict[str, bool]:
     """Keyword arguments for a kernel launch on `device`: the kernel's PDL constexpr and Triton's
-    `launch_pdl`, or nothing (the kernel's default, PDL off). `may_trigger_first`: the kernel has a
-    TRIGGER_FIRST constexpr, set when `enable(..., trigger_first=True)`."""
-    if not (_enabled and _supported(device)):
-        return {}
-    options = {"PDL": True, "launch_pdl": True}
-    if may_trigger_first:
-        options["TRIGGER_FIRST"] = _trigger_first
-    return options
+    `launch_pdl`, or nothing (the kernel's default, PDL off)."""
+    return {"PDL": True, "launch_pdl": True} if _enabled and _supported(device) else {}
 
 
 @triton.jit
-def wait_for_previous_kernel(PDL: tl.constexpr, TRIGGER_FIRST: tl.constexpr = False):
-    """Wait until the previous kernel has finished and its writes are visible, and let the next
-    kernel launch (it will wait in turn). A no-op when PDL is off.
-
-    By default the next kernel launches after the wait: at most two kernels are in flight. With
-    TRIGGER_FIRST it launches before it, so a short kernel (a norm, SiLU) lets the projection after it
-    start streaming its weights while the kernel before it still runs. That stays correct because the
-    next kernel's wait covers this whole kernel, which cannot finish before its own wait returns."""
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """Wait until the previous kernel has finished and its writes are visible, then let the next
+    kernel launch (it will wait in turn). A no-op when PDL is off."""
     if PDL:
-        if TRIGGER_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        else:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -1,7 +1,7 @@
 """PTX for sm_90 of the decode path's Triton kernels, with and without PDL, and of the prefill kernel:
 run as a script (in a process without TRITON_INTERPRET, which replaces @triton.jit functions by
-interpreted ones), it prints {"kernel/mode": {PDL instruction counts and order, L2 prefetches before the wait},
-"prefill": {"wgmma": count}} as JSON (modes: `pdl_modes`). tests/test_sm90_compile.py runs it."""
+interpreted ones), it prints {"kernel/pdl": [griddepcontrol.wait count, griddepcontrol.launch_dependents
+count], "prefill": [wgmma instruction count]} as JSON. tests/test_sm90_compile.py runs it."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def ptx(fn, pointers: dict[str, str], constexprs: dict, **options) -> str:
 GEMV_ARGS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "partial_ptr": "*fp32",
              "counter_ptr": "*i32"}
 GEMV_CONSTS = {"M_PAD": 16, "BLOCK_N": 64, "BLOCK_K": 128, "NUM_STAGES": 4, "SPLIT": True, "EVEN_K": True,
-               "HAS_BIAS": False, "DOT": True, "DOT_PRECISION": "tf32", "W_BYTES": 2}
+               "HAS_BIAS": False, "DOT": True, "DOT_PRECISION": "tf32"}
 DECODE_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")},
                "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "part_out_ptr": "*fp32",
                "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "row_order_ptr": "*i32", "qk_scale": "fp32"}
@@ -62,36 +62,15 @@ KERNELS = {
 
 
 
-def pdl_modes(fn) -> dict[str, dict]:
-    """The PDL constexprs to compile `fn` with, by name: off, on, and (for kernels that may let the
-    next kernel launch before their wait) on with TRIGGER_FIRST."""
-    modes = {"plain": {"PDL": False}, "pdl": {"PDL": True}}
-    if "TRIGGER_FIRST" in fn.arg_names:
-        modes = {name: {**consts, "TRIGGER_FIRST": False} for name, consts in modes.items()}
-        modes["pdl-trigger-first"] = {"PDL": True, "TRIGGER_FIRST": True}
-    return modes
-
-
-def pdl_facts(code: str) -> dict[str, int | bool]:
-    """Counts of the PDL instructions and of L2 bulk prefetches issued before the wait, and whether the
-    trigger comes first in the code."""
-    wait = code.find("griddepcontrol.wait")
-    launch = code.find("griddepcontrol.launch_dependents")
-    return {"wait": code.count("griddepcontrol.wait"), "launch": code.count("griddepcontrol.launch_dependents"),
-            "launch_first": 0 <= launch < wait,
-            "prefetch": code.count("cp.async.bulk.prefetch.L2.global"),
-            "prefetch_before_wait": code[:max(wait, 0)].count("cp.async.bulk.prefetch.L2.global")}
-
-
 def main() -> None:
-    facts = {}
+    counts = {}
     for name, (fn, pointers, constexprs, options) in sorted(KERNELS.items()):
-        for mode, pdl in pdl_modes(fn).items():
-            code = ptx(fn, pointers, {**constexprs, **pdl}, **options, **({"launch_pdl": True} if pdl["PDL"] else {}))
-            facts[f"{name}/{mode}"] = pdl_facts(code)
+        for pdl in (False, True):
+            code = ptx(fn, pointers, {**constexprs, "PDL": pdl}, **options, **({"launch_pdl": True} if pdl else {}))
+            counts[f"{name}/{pdl}"] = [code.count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]
     code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, PREFILL_CONSTS, num_warps=8, num_stages=3)
-    facts["prefill"] = {"wgmma": code.count("wgmma.mma_async")}
-    json.dump(facts, sys.stdout)
+    counts["prefill"] = [code.count("wgmma.mma_async")]
+    json.dump(counts, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -48,15 +48,9 @@ def configure_decode_kernels(*, programmatic_launch: bool, gemv_projections: Col
     that take the split-K GEMV for 1 to GEMV_MAX_ROWS rows (the decode graphs of batch 1-8)."""
     global _gemv_projections
     _gemv_projections = frozenset(gemv_projections)
-    import os  # EXPERIMENT (session 8): switches under test, to become options or go
+    from streampage.kernels import pdl  # Triton loads here, not when the model package is imported
 
-    from streampage.kernels import (
-        gemv,
-        pdl,  # Triton loads here, not when the model package is imported
-    )
-
-    pdl.enable(programmatic_launch, trigger_first=os.environ.get("STREAMPAGE_PDL_TRIGGER_FIRST") == "1")
-    gemv.set_l2_prefetch(float(os.environ.get("STREAMPAGE_GEMV_L2_PREFETCH", "0")))
+    pdl.enable(programmatic_launch)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
