@@ -61,10 +61,6 @@ class PrefillConfig:
     # Cap on registers per thread. 128 lets two 8-warp programs share an SM, so one's softmax runs
     # while the other's MMAs do (Triton cannot overlap the two inside one program).
     maxnreg: int | None = None
-    # On a CUDA GPU with 16-bit K/V (bf16 from sm_90), exponentiate the scores two to an instruction in
-    # the K/V dtype (`_exp2_16bit`) rather than one in fp32: the special-function unit's exp2 is the
-    # softmax's bottleneck, and P is rounded to that dtype for the P @ V MMA anyway.
-    packed_exp2: bool = True
 
     def shared_bytes(self, head_dim: int, itemsize: int) -> int:
         """Shared memory of the tiles: Q plus num_stages K and V tiles in flight."""
@@ -172,14 +168,6 @@ def max_shared_memory(device: torch.device) -> int | None:
         return None
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", None)
-
-
-def _packed_exp2_runs(cache: torch.Tensor) -> bool:
-    """Whether `_exp2_16bit` compiles for this cache: a CUDA device, fp16, or bf16 from sm_90."""
-    if cache.device.type != "cuda":
-        return False
-    return cache.dtype == torch.float16 or (
-        cache.dtype == torch.bfloat16 and torch.cuda.get_device_capability(cache.device) >= (9, 0))
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -459,23 +447,11 @@ def _page_rows(block_table, tile_start, hi, stride_b, stride_t, BLOCK_SIZE: tl.c
 
 
 @triton.jit
-def _exp2_16bit(x):
-    """2 ** x for a bf16 or fp16 tensor, two elements to one special-function instruction (PTX
-    ex2.approx on bf16x2, sm_90 and later, or f16x2); -inf gives 0."""
-    if x.dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x], dtype=tl.bfloat16,
-                                         is_pure=True, pack=2)
-    else:
-        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x], dtype=tl.float16,
-                                         is_pure=True, pack=2)
-
-
-@triton.jit
 def _prefill_tiles(
     q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, lo, hi, qk_scale,
     stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    SAME_KV_LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED_EXP2: tl.constexpr,
+    SAME_KV_LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of (m, row_sum, acc) with keys lo..hi-1 (lo a multiple of BLOCK_N).
     Without CAUSAL every key is visible to every row and hi - lo is a whole number of tiles; with it,
@@ -514,14 +490,9 @@ def _prefill_tiles(
             s = tl.where(tokens[None, :] <= q_pos[:, None], s, float("-inf"))
         # qk_scale > 0, so the row max of the scaled scores is the scaled row max.
         m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m - m_new)
-        if PACKED_EXP2:  # the exponent (<= 0) rounded to the K/V dtype, P computed in it; the row sum
-            # adds exactly the P that multiplies V
-            p = _exp2_16bit((s * qk_scale - m_new[:, None]).to(k_ptr.dtype.element_ty))
-            row_sum = row_sum * alpha + tl.sum(p.to(tl.float32), axis=1)
-        else:
-            p = tl.exp2(s * qk_scale - m_new[:, None])
-            row_sum = row_sum * alpha + tl.sum(p, axis=1)
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + v_off, mask=valid[:, None], other=0.0) if CAUSAL else tl.load(v_ptr + v_off)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
@@ -558,7 +529,6 @@ def _prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_DIAG: tl.constexpr, SAME_KV_LAYOUT: tl.constexpr,
     Q_IN_REGISTERS: tl.constexpr, DOT_PRECISION: tl.constexpr, SEQS_POW2: tl.constexpr,
-    PACKED_EXP2: tl.constexpr = False,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
     kv_head = tl.program_id(0)
@@ -603,12 +573,12 @@ def _prefill_kernel(
     m, row_sum, acc = _prefill_tiles(
         q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, 0, full_end, qk_scale,
         stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, SAME_KV_LAYOUT, DOT_PRECISION, PACKED_EXP2,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, SAME_KV_LAYOUT, DOT_PRECISION,
     )
     m, row_sum, acc = _prefill_tiles(
         q, m, row_sum, acc, k_ptr, v_ptr, block_table, kv_head, q_pos, full_end, last_pos + 1, qk_scale,
         stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N_DIAG, True, SAME_KV_LAYOUT, DOT_PRECISION, PACKED_EXP2,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N_DIAG, True, SAME_KV_LAYOUT, DOT_PRECISION,
     )
     result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
     o_rows = (q_begin + row_token).to(tl.int64) * stride_o_t + row_head * stride_o_h
@@ -660,7 +630,7 @@ def paged_prefill(
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_N_DIAG=min(cfg.block_n, cfg.block_n_diag),
         SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
         Q_IN_REGISTERS=cfg.q_in_registers, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        SEQS_POW2=_seqs_pad(num_seqs), PACKED_EXP2=cfg.packed_exp2 and _packed_exp2_runs(k_cache),
+        SEQS_POW2=_seqs_pad(num_seqs),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out

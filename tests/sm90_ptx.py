@@ -1,8 +1,7 @@
 """PTX for sm_90 of the decode path's Triton kernels, with and without PDL, and of the prefill kernel:
 run as a script (in a process without TRITON_INTERPRET, which replaces @triton.jit functions by
 interpreted ones), it prints {"kernel/pdl": [griddepcontrol.wait count, griddepcontrol.launch_dependents
-count], "prefill/packed_exp2": [wgmma instruction count, bf16x2 exp2 count]} as JSON.
-tests/test_sm90_compile.py runs it."""
+count], "prefill": [wgmma instruction count]} as JSON. tests/test_sm90_compile.py runs it."""
 
 from __future__ import annotations
 
@@ -69,10 +68,8 @@ def main() -> None:
         for pdl in (False, True):
             code = ptx(fn, pointers, {**constexprs, "PDL": pdl}, **options, **({"launch_pdl": True} if pdl else {}))
             counts[f"{name}/{pdl}"] = [code.count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]
-    for packed in (False, True):
-        code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, {**PREFILL_CONSTS, "PACKED_EXP2": packed},
-                   num_warps=8, num_stages=3)
-        counts[f"prefill/{packed}"] = [code.count("wgmma.mma_async"), code.count("ex2.approx.ftz.bf16x2")]
+    code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, PREFILL_CONSTS, num_warps=8, num_stages=3)
+    counts["prefill"] = [code.count("wgmma.mma_async")]
     json.dump(counts, sys.stdout)
 
 

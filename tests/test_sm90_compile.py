@@ -36,10 +36,7 @@ def test_decode_kernel_compiles_for_hopper_with_the_pdl_contract(counts, name, p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packed", [False, True], ids=["fp32-exp2", "packed-exp2"])
-def test_prefill_kernel_compiles_for_hopper_onto_the_tensor_cores(counts, packed):
-    """The batch-wide tile lookup (a cumulative sum over the sequences) lowers, the attention products
-    still become warpgroup MMAs, and PACKED_EXP2 exponentiates two bf16 scores to an instruction."""
-    wgmma, packed_exp2 = counts[f"prefill/{packed}"]
-    assert wgmma > 0
-    assert (packed_exp2 > 0) == packed
+def test_prefill_kernel_compiles_for_hopper_onto_the_tensor_cores(counts):
+    """The batch-wide tile lookup (a cumulative sum over the sequences) lowers, and the attention
+    products still become warpgroup MMAs."""
+    assert counts["prefill"][0] > 0

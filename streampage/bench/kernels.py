@@ -484,7 +484,6 @@ def prefill_candidates() -> list[PrefillConfig]:
 
     return [
         PrefillConfig(128, 128, 8, 3),
-        PrefillConfig(128, 128, 8, 3, packed_exp2=False),
         PrefillConfig(128, 128, 8, 3, block_n_diag=128),
         PrefillConfig(128, 128, 8, 2),
         PrefillConfig(128, 64, 8, 3),
@@ -501,12 +500,11 @@ def prefill_candidates() -> list[PrefillConfig]:
 
 def config_name(cfg: PrefillConfig) -> str:
     """Compact label of a PrefillConfig: '128x128 w8 s3', then ' d64' (diagonal tiles narrower than
-    block_n), ' qreg', ' r128' and ' exp32' (fp32 exponentials) where they apply."""
+    block_n), ' qreg' and ' r128' where they apply."""
     name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
     if cfg.block_n_diag < cfg.block_n:
         name += f" d{cfg.block_n_diag}"
-    return (name + (" qreg" if cfg.q_in_registers else "") + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
-            + ("" if cfg.packed_exp2 else " exp32"))
+    return name + (" qreg" if cfg.q_in_registers else "") + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
 
 
 def prefill_sweep(reps: int, baseline: list[dict[str, Any]]) -> list[dict[str, Any]]:
