@@ -2,15 +2,15 @@
 # Batch-1 decode on the 8B: why a cuBLAS gate/up projection slows down by ~3 us after the split-K
 # GEMV's PDL chain on the O projection (session 7), which cancels the GEMV's gain there. About 4
 # minutes; logs go into one archive:
-#   1. one layer's kernel timeline and the kernel means over 20 steps, with cuBLAS and with the GEMV
-#      on O (`--decode-gemv o`), and with the GEMV on O but PDL off;
-#   2. batch 1 and 4 latency for the same three, and the 1B at its best routing, the floor measured
+#   1. one layer's kernel timeline and the kernel means over 20 steps, with cuBLAS, with the GEMV
+#      on O (`--decode-gemv o`), with the GEMV on O but PDL off, and with the GEMV on down only;
+#   2. batch 1 and 4 latency for the same four, and the 1B at its best routing, the floor measured
 #      in each run.
 set -u
 mkdir -p $OUT/lat
 S=$OUT/summary.txt
 . scripts/gpu_setup.sh > $OUT/lat/setup.log 2>&1
-for run in "off" "o" "o --no-programmatic-launch"; do
+for run in "off" "o" "o --no-programmatic-launch" "down"; do
   name=8b_$(echo $run | tr -d ' -')
   timeout 80 python3 scripts/profile_decode.py llama3-8b 1 --timeline 22 --decode-gemv $run \
       > $OUT/lat/profile_$name.log 2>&1
@@ -20,7 +20,7 @@ for run in "off" "o" "o --no-programmatic-launch"; do
       --output $OUT/lat/latency_$name.json > $OUT/lat/latency_$name.log 2>&1
   { echo "== latency llama3-8b --decode-gemv $run"; grep -A3 "^ batch" $OUT/lat/latency_$name.log; } | tee -a $S
 done
-for gemv in off qkv,o,down; do
+for gemv in qkv,o,down; do
   timeout 60 python3 -m streampage.cli bench latency --model llama3.2-1b --batch-sizes 1,4 --decode-gemv $gemv \
       --output $OUT/lat/latency_1b_${gemv//,/+}.json > $OUT/lat/latency_1b_${gemv//,/+}.log 2>&1
   { echo "== latency llama3.2-1b --decode-gemv $gemv"; grep -A3 "^ batch" $OUT/lat/latency_1b_${gemv//,/+}.log; } \
