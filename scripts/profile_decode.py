@@ -13,6 +13,12 @@ kernel time over as many run under it.
 `--timeline N` also prints N consecutive kernels of the last profiled step in launch order, each with
 its duration and the idle gap before it (negative: it overlapped the previous one, as PDL allows):
 where a layer's time goes kernel by kernel, launch gaps included.
+
+Last comes each kernel's advance: how far it moved the end of the GPU's work (its end minus the
+previous kernel's end, in launch order), averaged by kernel name over every profiled step. Under PDL
+a kernel starts early and its duration includes waiting; the advances do not double count (an idle
+gap counts to the kernel after it), and they sum to the span from the first kernel's start to the
+last one's end: comparing two routings by advance shows which kernel's share of the step changed.
 """
 
 import argparse
@@ -78,6 +84,7 @@ def main() -> None:
         print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         if args.timeline:
             print_timeline(kernels, args.timeline)
+        print_advances([(e.name, e.time_range.start, e.time_range.end) for e in kernels], STEPS)
         while engine.has_unfinished_requests():
             engine.step()
 
@@ -92,6 +99,24 @@ def print_timeline(kernels: list, count: int) -> None:
     for prev, event in zip(kernels[first - 1:first + count - 1], kernels[first:first + count], strict=True):
         gap = event.time_range.start - prev.time_range.end
         print(f"{event.name[:63]:<64}{event.time_range.elapsed_us():>8.1f}{gap:>8.1f}")
+
+
+def print_advances(kernels: list[tuple[str, float, float]], steps: int) -> None:
+    """Per kernel name (name, start us, end us): calls and mean duration per step, and the mean and
+    per-step total of its advance, max(0, end - the latest end before it) in launch order."""
+    by_name: dict[str, list[float]] = {}
+    latest_end = None
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        advance = end - start if latest_end is None else max(0.0, end - latest_end)
+        latest_end = end if latest_end is None else max(latest_end, end)
+        by_name.setdefault(name, []).extend((end - start, advance))
+    print(f"{'kernel (by advance per step)':<64}{'calls':>7}{'us':>8}{'adv us':>8}{'adv ms/step':>12}")
+    rows = [(name, values[0::2], values[1::2]) for name, values in by_name.items()]
+    for name, durations, advances in sorted(rows, key=lambda r: -sum(r[2])):
+        print(f"{name[:63]:<64}{len(durations) / steps:>7.0f}{sum(durations) / len(durations):>8.1f}"
+              f"{sum(advances) / len(advances):>8.1f}{sum(advances) / steps / 1e3:>12.3f}")
+    total = sum(sum(a) for _, _, a in rows) / steps / 1e3
+    print(f"{'all kernels: span per step, idle gaps included':<64}{'':>23}{total:>12.3f}")
 
 
 if __name__ == "__main__":
