@@ -15,7 +15,8 @@ for run in "off" "o" "o --no-programmatic-launch" "down"; do
   timeout 80 python3 scripts/profile_decode.py llama3-8b 1 --timeline 22 --decode-gemv $run \
       > $OUT/lat/profile_$name.log 2>&1
   { echo "== timeline llama3-8b --decode-gemv $run"; grep -m1 "=== batch" $OUT/lat/profile_$name.log;
-    grep -m4 "nvjet\|_skinny" $OUT/lat/profile_$name.log; tail -23 $OUT/lat/profile_$name.log; } | tee -a $S
+    grep -m4 "nvjet\|_skinny" $OUT/lat/profile_$name.log; grep -A22 "^kernel  " $OUT/lat/profile_$name.log;
+    grep -A16 "by advance" $OUT/lat/profile_$name.log; } | tee -a $S
   timeout 60 python3 -m streampage.cli bench latency --model llama3-8b --batch-sizes 1,4 --decode-gemv $run \
       --output $OUT/lat/latency_$name.json > $OUT/lat/latency_$name.log 2>&1
   { echo "== latency llama3-8b --decode-gemv $run"; grep -A3 "^ batch" $OUT/lat/latency_$name.log; } | tee -a $S
