@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Batch-1 decode on the 8B: why a cuBLAS gate/up projection slows down by ~3 us after the split-K
-# GEMV's PDL chain on the O projection (session 7), which cancels the GEMV's gain there. About 4
+# Batch-1 decode on the 8B: where the split-K GEMV's gain on the O projection goes (its kernel beats
+# cuBLAS + split-K reduce by ~1.6 us a layer, the step does not get faster; session 8). About 4
 # minutes; logs go into one archive:
-#   1. one layer's kernel timeline and the kernel means over 20 steps, with cuBLAS, with the GEMV
-#      on O (`--decode-gemv o`), with the GEMV on O but PDL off, and with the GEMV on down only;
+#   1. one layer's kernel timeline, the kernel means and each kernel's advance of the step over 20
+#      steps, with cuBLAS, with the GEMV on O (`--decode-gemv o`), with the GEMV on O but PDL off,
+#      and with the GEMV on down only;
 #   2. batch 1 and 4 latency for the same four, and the 1B at its best routing, the floor measured
 #      in each run.
 set -u
