@@ -1,7 +1,8 @@
 """PTX for sm_90 of the decode path's Triton kernels, with and without PDL, and of the prefill kernel:
 run as a script (in a process without TRITON_INTERPRET, which replaces @triton.jit functions by
 interpreted ones), it prints {"kernel/pdl": [griddepcontrol.wait count, griddepcontrol.launch_dependents
-count], "prefill": [wgmma instruction count]} as JSON. tests/test_sm90_compile.py runs it."""
+count], "prefill": [wgmma instruction count], "sampler/FAST_LOG2": [lg2.approx count, PTX lines]} as
+JSON. tests/test_sm90_compile.py runs it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from streampage.kernels import fused_ops, gemv, paged_attention
+from streampage.kernels import fused_ops, gemv, paged_attention, sampling
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -48,6 +49,9 @@ PREFILL_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}, 
 PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_M": 128, "BLOCK_N": 128,
                   "BLOCK_N_DIAG": 64, "SAME_KV_LAYOUT": True, "Q_IN_REGISTERS": False, "DOT_PRECISION": "tf32",
                   "SEQS_POW2": 256}
+SAMPLE_ARGS = {"logits_ptr": "*bf16", "temperature_ptr": "*fp32", "seed_ptr": "*i64", "partial_ptr": "*fp32",
+               "partial_idx_ptr": "*i32", "token_ptr": "*i64", "logprob_ptr": "*fp32"}
+SAMPLE_CONSTS = {"LANES": 256, "RANDOM": True, "FINAL": False}
 KERNELS = {
     "gemv": (gemv._skinny_linear_kernel, GEMV_ARGS, GEMV_CONSTS, {"num_warps": 4}),
     "decode-split": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_CONSTS, {"num_warps": 4, "num_stages": 3}),
@@ -70,6 +74,10 @@ def main() -> None:
             counts[f"{name}/{pdl}"] = [code.count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]
     code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, PREFILL_CONSTS, num_warps=8, num_stages=3)
     counts["prefill"] = [code.count("wgmma.mma_async")]
+    for fast in (False, True):
+        code = ptx(sampling._sample_kernel, SAMPLE_ARGS, {**SAMPLE_CONSTS, "FAST_LOG2": fast}, num_warps=4)
+        counts[f"sampler/{fast}"] = [code.count("lg2.approx"), sum(1 for line in code.splitlines()
+                                                                   if line.startswith("\t") and "//" not in line)]
     json.dump(counts, sys.stdout)
 
 

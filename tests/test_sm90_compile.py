@@ -40,3 +40,13 @@ def test_prefill_kernel_compiles_for_hopper_onto_the_tensor_cores(counts):
     """The batch-wide tile lookup (a cumulative sum over the sequences) lowers, and the attention
     products still become warpgroup MMAs."""
     assert counts["prefill"][0] > 0
+
+
+@pytest.mark.slow
+def test_sampler_takes_its_noise_logs_from_the_special_function_unit_on_the_gpu(counts):
+    """With FAST_LOG2 (every CUDA launch) the Gumbel noise's two logs per column are lg2.approx
+    instructions, not Triton's accurate log2 (a polynomial): the sampled loop's PTX shrinks by more
+    than a third (session 8, Triton 3.9: 1,306 -> 769 lines)."""
+    (fast_logs, fast_lines), (slow_logs, slow_lines) = counts["sampler/True"], counts["sampler/False"]
+    assert slow_logs == 0 and fast_logs > 0
+    assert fast_lines < 0.67 * slow_lines
