@@ -61,6 +61,9 @@ class PrefillConfig:
     # Cap on registers per thread. 128 lets two 8-warp programs share an SM, so one's softmax runs
     # while the other's MMAs do (Triton cannot overlap the two inside one program).
     maxnreg: int | None = None
+    # The Gluon kernel (`paged_prefill_gluon.py`: the softmax of one key tile overlaps the MMA of the
+    # next; sm_90+, 16-bit caches, head_dim 64 or 128, 128-row tiles, 8 warps, at least 3 stages).
+    gluon: bool = False
 
     def shared_bytes(self, head_dim: int, itemsize: int) -> int:
         """Shared memory of the tiles: Q plus num_stages K and V tiles in flight."""
@@ -620,6 +623,15 @@ def paged_prefill(
     # Sequence i has cdiv(q_len_i, tokens per tile) tiles: at most cdiv(num_tokens, tokens per tile)
     # plus one partial tile per sequence in all.
     tiles = cdiv(q.shape[0], block_m // group_pad) + num_seqs
+    if cfg.gluon:
+        from .paged_prefill_gluon import BLOCK_M, paged_prefill_gluon
+
+        if block_m != BLOCK_M.value:
+            raise ValueError(f"PrefillConfig(gluon=True) needs block_m {BLOCK_M.value}, got {cfg.block_m}")
+        paged_prefill_gluon(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale * _LOG2E, out,
+                            group=group, group_pad=group_pad, block_n=cfg.block_n, stages=cfg.num_stages,
+                            tiles=tiles, seqs_pow2=_seqs_pad(num_seqs))
+        return out
     _prefill_kernel[(num_kv_heads, tiles)](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
         scale * _LOG2E, num_seqs,

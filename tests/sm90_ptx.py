@@ -1,8 +1,9 @@
 """PTX for sm_90 of the decode path's Triton kernels, with and without PDL, and of the prefill kernel:
 run as a script (in a process without TRITON_INTERPRET, which replaces @triton.jit functions by
 interpreted ones), it prints {"kernel/pdl": [griddepcontrol.wait count, griddepcontrol.launch_dependents
-count], "prefill": [wgmma instruction count], "sampler/FAST_LOG2": [lg2.approx count, PTX lines]} as
-JSON. tests/test_sm90_compile.py runs it."""
+count], "prefill": [wgmma instruction count], "prefill-gluon": [wgmma count, wgmma.wait_group count,
+16-byte cp.async count], "sampler/FAST_LOG2": [lg2.approx count, PTX lines]} as JSON.
+tests/test_sm90_compile.py runs it."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
-from streampage.kernels import fused_ops, gemv, paged_attention, sampling
+from streampage.kernels import fused_ops, gemv, paged_attention, paged_prefill_gluon, sampling
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def ptx(fn, pointers: dict[str, str], constexprs: dict, **options) -> str:
+def ptx(fn, pointers: dict[str, str], constexprs: dict, gluon: bool = False, **options) -> str:
     """PTX of `fn` for sm_90: arguments typed as `pointers` gives them (pointers, or fp32 scalars),
     other runtime scalars int32. Every constexpr must be in `constexprs`, defaults included: one left
     out would be compiled as a runtime int32."""
@@ -26,7 +28,11 @@ def ptx(fn, pointers: dict[str, str], constexprs: dict, **options) -> str:
     if missing:
         raise ValueError(f"{fn.__name__}: constexprs {missing} not given")
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    # Pointers and strides divisible by 16, as Triton's launcher specialises them in practice (the
+    # Gluon kernel's 16-byte copies need it; the others compile as before).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if gluon and (name.endswith("_ptr") or name.startswith("stride"))}
+    source = (GluonASTSource if gluon else ASTSource)(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=HOPPER, options=options).asm["ptx"]
 
 
@@ -52,6 +58,8 @@ PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
 SAMPLE_ARGS = {"logits_ptr": "*bf16", "temperature_ptr": "*fp32", "seed_ptr": "*i64", "partial_ptr": "*fp32",
                "partial_idx_ptr": "*i32", "token_ptr": "*i64", "logprob_ptr": "*fp32"}
 SAMPLE_CONSTS = {"LANES": 256, "RANDOM": True, "FINAL": False}
+GLUON_PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": 128, "STAGES": 3,
+                        "SEQS_POW2": 16, "SAME_KV_LAYOUT": True}
 KERNELS = {
     "gemv": (gemv._skinny_linear_kernel, GEMV_ARGS, GEMV_CONSTS, {"num_warps": 4}),
     "decode-split": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_CONSTS, {"num_warps": 4, "num_stages": 3}),
@@ -74,6 +82,10 @@ def main() -> None:
             counts[f"{name}/{pdl}"] = [code.count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]
     code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, PREFILL_CONSTS, num_warps=8, num_stages=3)
     counts["prefill"] = [code.count("wgmma.mma_async")]
+    code = ptx(paged_prefill_gluon._prefill_kernel, PREFILL_ARGS, GLUON_PREFILL_CONSTS, gluon=True, num_warps=8)
+    copies = [line for line in code.splitlines() if "cp.async.cg.shared.global" in line]
+    counts["prefill-gluon"] = [code.count("wgmma.mma_async"), code.count("wgmma.wait_group"),
+                               sum(line.rstrip(";").endswith("0x10, 0x10") for line in copies)]  # 16 bytes each
     for fast in (False, True):
         code = ptx(sampling._sample_kernel, SAMPLE_ARGS, {**SAMPLE_CONSTS, "FAST_LOG2": fast}, num_warps=4)
         counts[f"sampler/{fast}"] = [code.count("lg2.approx"), sum(1 for line in code.splitlines()

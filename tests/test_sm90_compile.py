@@ -50,3 +50,12 @@ def test_sampler_takes_its_noise_logs_from_the_special_function_unit_on_the_gpu(
     (fast_logs, fast_lines), (slow_logs, slow_lines) = counts["sampler/True"], counts["sampler/False"]
     assert slow_logs == 0 and fast_logs > 0
     assert fast_lines < 0.67 * slow_lines
+
+
+@pytest.mark.slow
+def test_gluon_prefill_compiles_for_hopper_with_its_mmas_in_flight(counts):
+    """The Gluon prefill (kernels/paged_prefill_gluon.py) lowers with this Triton: warpgroup MMAs
+    that it waits for explicitly (inside the loop with one still in flight, and once after it), and
+    K/V pages gathered by 16-byte cp.async."""
+    wgmma, waits, copies = counts["prefill-gluon"]
+    assert wgmma > 0 and waits >= 2 and copies > 0

@@ -477,13 +477,15 @@ def sweep(reps: int) -> dict[str, Any]:
 
 def prefill_candidates() -> list[PrefillConfig]:
     """The PrefillConfigs `--prefill-sweep` times (the default first). One program per SM: 128-row
-    tiles of 128 or 64 keys, two warpgroups. Two programs per SM (one's softmax overlapping the other's
-    MMAs): 64 x 64 tiles with one warpgroup, or 128-row tiles with two warpgroups capped at 128
-    registers a thread."""
+    tiles of 128 or 64 keys, two warpgroups, in Triton or in Gluon (the softmax of one tile overlapping
+    the MMA of the next). Two programs per SM (one's softmax overlapping the other's MMAs): 64 x 64
+    tiles with one warpgroup, or 128-row tiles with two warpgroups capped at 128 registers a thread."""
     from streampage.kernels import PrefillConfig
 
     return [
         PrefillConfig(128, 128, 8, 3),
+        PrefillConfig(128, 128, 8, 3, gluon=True),
+        PrefillConfig(128, 64, 8, 4, gluon=True),
         PrefillConfig(128, 128, 8, 3, block_n_diag=128),
         PrefillConfig(128, 128, 8, 2),
         PrefillConfig(128, 64, 8, 3),
@@ -500,11 +502,12 @@ def prefill_candidates() -> list[PrefillConfig]:
 
 def config_name(cfg: PrefillConfig) -> str:
     """Compact label of a PrefillConfig: '128x128 w8 s3', then ' d64' (diagonal tiles narrower than
-    block_n), ' qreg' and ' r128' where they apply."""
+    block_n), ' qreg', ' r128' and ' gluon' where they apply."""
     name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
     if cfg.block_n_diag < cfg.block_n:
         name += f" d{cfg.block_n_diag}"
-    return name + (" qreg" if cfg.q_in_registers else "") + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
+    return (name + (" qreg" if cfg.q_in_registers else "") + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
+            + (" gluon" if cfg.gluon else ""))
 
 
 def prefill_sweep(reps: int, baseline: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,249 @@
+"""`paged_prefill` for Hopper in Gluon (`PrefillConfig(gluon=True)`): the softmax of one key tile
+runs while the tensor cores compute the scores of the next.
+
+The Triton kernel (`paged_attention._prefill_kernel`) is bound by instruction issue: Triton waits for
+each Q @ K^T MMA right after issuing it, so a tile costs its MMAs plus its softmax, one after the
+other (docs/kernels.md). Gluon lets the kernel say when to wait. Per key tile j, with S_j = Q K_j^T
+already in flight from the iteration before:
+
+    wait for tile j+1's K/V copies; issue S_{j+1} asynchronously
+    wait for S_j (and P_{j-1} @ V_{j-1}): at most the MMA just issued stays in flight
+    refill the ring stage tile j-1 used with tile j + STAGES - 1
+    softmax of S_j (masked on the diagonal), rescale O, issue O += P_j @ V_j asynchronously
+
+so the exponentials and reductions of tile j overlap the MMA of tile j+1. K/V pages are gathered by
+`cp.async` (16 bytes a thread a row chunk) into a ring of STAGES NVMMA-swizzled shared buffers; page
+numbers are read one tile before their copies are issued. Q stays in shared memory for every MMA.
+
+Same contract as the Triton kernel (grid from tensor shapes only, tiles numbered across the batch
+from the end, query rows = tokens x the group's heads), for 16-bit caches with head_dim 64 or 128 on
+sm_90 and later, 8 warps: each warpgroup owns 64 of the tile's 128 rows. Rows past a chunk read a
+valid row and are never stored; keys past the last position read the last key and are masked out,
+so no copy depends on zero-filling. The last iteration computes one S tile nobody reads (the price
+of a loop without a branch around an asynchronous MMA).
+
+Gluon is experimental and its API moves between Triton releases: `_gather_to_shared` and `_cta_barrier`
+absorb the renames between Triton 3.6 (the H200's) and 3.9 (CI's); tests/sm90_ptx.py compiles the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+
+# Names that moved between Triton 3.6 and 3.9: cp.async from a pointer tensor into shared memory
+# (`async_copy_global_to_shared`, later `async_load`; the old name raises), and the CTA barrier
+# (`thread_barrier`, later `barrier`).
+_gather_to_shared = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+NUM_WARPS = gl.constexpr(8)  # two warpgroups of 64 rows each
+BLOCK_M = gl.constexpr(128)  # query rows per program: tokens x the group's (padded) heads
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _tile_owner(query_start_loc_ptr, num_seqs, tile_id, TOKENS: gl.constexpr, SEQS_POW2: gl.constexpr):
+    """`paged_attention._tile_owner` in Gluon: the sequence owning batch tile `tile_id` and the
+    tile's index within it (num_seqs for a tile past the batch)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+    seqs = gl.arange(0, SEQS_POW2, layout=layout)
+    in_batch = seqs < num_seqs
+    starts = gl.load(query_start_loc_ptr + seqs, mask=in_batch, other=0)
+    ends = gl.load(query_start_loc_ptr + seqs + 1, mask=in_batch, other=0)
+    tiles = (ends - starts + TOKENS - 1) // TOKENS
+    through = gl.associative_scan(tiles, 0, _add)  # tiles of sequences 0..i
+    seq = gl.sum((through <= tile_id).to(gl.int32), 0)
+    first = gl.sum(gl.where(seqs == seq, through - tiles, 0), 0)
+    return seq, tile_id - first
+
+
+@gluon.jit
+def _tile_pages(block_table, tile, hi, keys, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """The page of each key of a tile; keys at or past hi stand for key hi - 1."""
+    return gl.load(block_table + gl.minimum(tile * BLOCK_N + keys, hi - 1) // BLOCK_SIZE)
+
+
+@gluon.jit
+def _row_offsets(pages, tile, hi, keys, kv_head, stride_b, stride_t, stride_h, BLOCK_N: gl.constexpr,
+                 BLOCK_SIZE: gl.constexpr):
+    """Element offsets of a key tile's rows for one KV head, from `_tile_pages`."""
+    key = gl.minimum(tile * BLOCK_N + keys, hi - 1)
+    return pages.to(gl.int64) * stride_b + (key % BLOCK_SIZE) * stride_t + kv_head * stride_h
+
+
+@gluon.jit
+def _gather_tile(k_dst, v_dst, k_ptr, v_ptr, pages, tile, hi, keys, dims, kv_head,
+                 stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+                 BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, SAME_KV_LAYOUT: gl.constexpr):
+    """Start the copies of a key tile's K and V rows into one ring stage, as one commit group."""
+    k_rows = _row_offsets(pages, tile, hi, keys, kv_head, stride_k_b, stride_k_t, stride_k_h, BLOCK_N, BLOCK_SIZE)
+    if SAME_KV_LAYOUT:
+        v_rows = k_rows
+    else:
+        v_rows = _row_offsets(pages, tile, hi, keys, kv_head, stride_v_b, stride_v_t, stride_v_h, BLOCK_N,
+                              BLOCK_SIZE)
+    _gather_to_shared(k_dst, k_ptr + k_rows[:, None] + dims[None, :])
+    _gather_to_shared(v_dst, v_ptr + v_rows[:, None] + dims[None, :])
+    async_copy.commit_group()
+
+
+@gluon.jit(do_not_specialize=["num_seqs"])
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
+    qk_scale, num_seqs,
+    stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+    stride_bt_s, stride_o_t, stride_o_h,
+    GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SEQS_POW2: gl.constexpr, SAME_KV_LAYOUT: gl.constexpr,
+):
+    TOKENS: gl.constexpr = BLOCK_M // GROUP_PAD
+    dtype: gl.constexpr = k_ptr.dtype.element_ty
+    # Copies: each thread moves 8 contiguous elements (16 bytes) of a row.
+    copy_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1], [1, 0])
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, HEAD_DIM, 16])
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+
+    kv_head = gl.program_id(0)
+    seq, tile = _tile_owner(query_start_loc_ptr, num_seqs, gl.num_programs(1) - 1 - gl.program_id(1), TOKENS,
+                            SEQS_POW2)
+    if seq < num_seqs:
+        q_begin = gl.load(query_start_loc_ptr + seq)
+        q_len = gl.load(query_start_loc_ptr + seq + 1) - q_begin
+        context_len = gl.load(context_lens_ptr + seq)
+        tile_token = tile * TOKENS
+        first_pos = context_len - q_len + tile_token  # the chunk holds the context's last q_len positions
+        hi = gl.minimum(first_pos + TOKENS, context_len)  # keys 0..hi-1 are visible to some row
+        num_tiles = (hi + BLOCK_N - 1) // BLOCK_N
+        block_table = block_tables_ptr + seq.to(gl.int64) * stride_bt_s
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+
+        # Q: row r is token tile_token + r // GROUP_PAD, head kv_head * GROUP + r % GROUP_PAD; padding
+        # rows read the chunk's last token and the group's last head (finite, never stored).
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_l))
+        dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_l))
+        token = gl.minimum(tile_token + rows // GROUP_PAD, q_len - 1)
+        head = kv_head * GROUP + gl.minimum(rows % GROUP_PAD, GROUP - 1)
+        q_rows = (q_begin + token).to(gl.int64) * stride_q_t + head * stride_q_h
+        _gather_to_shared(q_smem, q_ptr + q_rows[:, None] + dims[None, :])
+
+        # The ring: tiles 0..STAGES-2 in flight (Q in the first group), page numbers of the next ready.
+        keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, copy_l))
+        for t in gl.static_range(STAGES - 1):
+            _gather_tile(k_smem.index(t), v_smem.index(t), k_ptr, v_ptr,
+                         _tile_pages(block_table, t, hi, keys, BLOCK_N, BLOCK_SIZE), t, hi, keys, dims, kv_head,
+                         stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+                         BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
+        pages_next = _tile_pages(block_table, STAGES - 1, hi, keys, BLOCK_N, BLOCK_SIZE)
+
+        # Scores are in base 2 (qk_scale = softmax scale x log2 e), m in scaled units.
+        q_pos = context_len - q_len + tile_token + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l)) // GROUP_PAD
+        key_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+        m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
+        row_sum = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_l))
+        acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_l))
+        no_scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_l)
+
+        async_copy.wait_group(STAGES - 2)  # Q and tile 0
+        _cta_barrier()
+        fence_async_shared()
+        s_next = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), no_scores, use_acc=False, is_async=True)
+        for j in range(num_tiles):
+            s_cur = s_next
+            # Tiles up to j + 1 have landed once at most STAGES - 3 newer copy groups are pending.
+            async_copy.wait_group(STAGES - 3)
+            _cta_barrier()
+            fence_async_shared()
+            s_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), no_scores,
+                                   use_acc=False, is_async=True)
+            # S_j and P_{j-1} @ V_{j-1} are done when only S_{j+1} is still in flight (MMAs finish in
+            # order); the barrier makes that true of both warpgroups before tile j-1's stage is reused.
+            s, acc = warpgroup_mma_wait(1, deps=[s_cur, acc])
+            _cta_barrier()
+            refill = (j + STAGES - 1) % STAGES
+            _gather_tile(k_smem.index(refill), v_smem.index(refill), k_ptr, v_ptr, pages_next, j + STAGES - 1, hi,
+                         keys, dims, kv_head, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+                         BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
+            pages_next = _tile_pages(block_table, j + STAGES, hi, keys, BLOCK_N, BLOCK_SIZE)
+
+            if (j + 1) * BLOCK_N - 1 > first_pos:  # a tile some row must not see all of: the diagonal
+                s = gl.where(j * BLOCK_N + key_cols[None, :] <= q_pos[:, None], s, float("-inf"))
+            m_new = gl.maximum(m, gl.max(s, axis=1) * qk_scale)  # every row sees key 0: finite after tile 0
+            p = gl.exp2(s * qk_scale - m_new[:, None])
+            alpha = gl.exp2(m - m_new)
+            row_sum = row_sum * alpha + gl.sum(p, axis=1)
+            o = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_l)
+            acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), o, is_async=True)
+            m = m_new
+        out, _ = warpgroup_mma_wait(0, deps=[acc, s_next])
+        async_copy.wait_group(0)  # the ring's last copies, before the program exits
+
+        o_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
+        o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+        o_token = tile_token + o_rows // GROUP_PAD
+        keep = (o_token < q_len) & (o_rows % GROUP_PAD < GROUP)
+        o_off = (q_begin + o_token).to(gl.int64) * stride_o_t + (kv_head * GROUP + o_rows % GROUP_PAD) * stride_o_h
+        result = out / gl.convert_layout(row_sum, gl.SliceLayout(1, o_l))[:, None]
+        gl.store(out_ptr + o_off[:, None] + o_dims[None, :], result.to(out_ptr.dtype.element_ty), mask=keep[:, None])
+
+
+def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              group_pad: int) -> str | None:
+    """Why this kernel cannot run these tensors, or None: a CUDA device of sm_90 or later, 16-bit
+    caches, head_dim 64 or 128, a group that fits a 128-row tile, and rows that cp.async can move 16
+    bytes at a time (contiguous head_dim, strides and base addresses in 16-byte units)."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (9, 0):
+        return "needs a CUDA device of compute capability 9.0 or later"
+    if k_cache.dtype not in (torch.float16, torch.bfloat16) or q.dtype != k_cache.dtype:
+        return f"needs q and the caches in one 16-bit float dtype, got {q.dtype} and {k_cache.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"needs head_dim 64 or 128, got {q.shape[-1]}"
+    if group_pad > BLOCK_M.value:
+        return f"needs at most {BLOCK_M.value} query heads per KV head, got {group_pad}"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return f"needs {name} rows in 16-byte units, got strides {t.stride()}"
+    return None
+
+
+def paged_prefill_gluon(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, context_lens: torch.Tensor, qk_scale: float, out: torch.Tensor, *,
+    group: int, group_pad: int, block_n: int, stages: int, tiles: int, seqs_pow2: int,
+) -> None:
+    """Launch the kernel over grid (kv_heads, tiles) as `paged_attention.paged_prefill` sizes it;
+    qk_scale is the softmax scale times log2(e)."""
+    why = gluon_prefill_unsupported(q, k_cache, v_cache, group_pad)
+    if why:
+        raise ValueError(f"paged_prefill with PrefillConfig(gluon=True) {why}")
+    if stages < 3:
+        raise ValueError(f"the Gluon prefill keeps two key tiles in flight: stages must be at least 3, got {stages}")
+    _prefill_kernel[(k_cache.shape[2], tiles)](
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, qk_scale, query_start_loc.shape[0] - 1,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=q.shape[-1], BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n,
+        STAGES=stages, SEQS_POW2=seqs_pow2, SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
+        num_warps=NUM_WARPS.value,
+    )
