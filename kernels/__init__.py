@@ -1,7 +1,8 @@
 """Triton kernels for CUDA, with PyTorch references for CPU and tests.
 
 Paged KV-cache operations: `paged_decode`, `paged_prefill`, `copy_blocks` and `store_kvcache`, whose
-CPU twins (same signatures, minus the tuning keywords) are in `streampage.kernels.reference`. Fused
+CPU twins (same signatures, minus the tuning keywords) are in `streampage.kernels.reference`;
+`paged_prefill_gluon.py` is a Hopper-only variant of the prefill in Gluon (`PrefillConfig(gluon=True)`). Fused
 decoder ops (`fused_ops.py`): RMSNorm with the residual add, q/k norm + rotary + K/V write, and
 SiLU-and-mul, whose CPU twins are the model layers' own PyTorch code. `sample_tokens` (`sampling.py`):
 greedy and temperature sampling with raw log-probabilities in one pass over the logits, the fast path
