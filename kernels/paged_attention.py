@@ -62,7 +62,8 @@ class PrefillConfig:
     # while the other's MMAs do (Triton cannot overlap the two inside one program).
     maxnreg: int | None = None
     # The Gluon kernel (`paged_prefill_gluon.py`: the softmax of one key tile overlaps the MMA of the
-    # next; sm_90+, 16-bit caches, head_dim 64 or 128, 128-row tiles, 8 warps, at least 3 stages).
+    # next; sm_90+, 16-bit caches, head_dim 64 or 128, 128-row tiles, 8 warps, at least 3 stages). It
+    # masks diagonal tiles whole (block_n_diag does not apply) and takes no q_in_registers or maxnreg.
     gluon: bool = False
 
     def shared_bytes(self, head_dim: int, itemsize: int) -> int:
@@ -626,8 +627,9 @@ def paged_prefill(
     if cfg.gluon:
         from .paged_prefill_gluon import BLOCK_M, paged_prefill_gluon
 
-        if block_m != BLOCK_M.value:
-            raise ValueError(f"PrefillConfig(gluon=True) needs block_m {BLOCK_M.value}, got {cfg.block_m}")
+        if block_m != BLOCK_M.value or cfg.num_warps != 8 or cfg.q_in_registers or cfg.maxnreg:
+            raise ValueError(f"PrefillConfig(gluon=True) needs block_m {BLOCK_M.value} and 8 warps, without "
+                             f"q_in_registers or maxnreg, got {cfg}")
         paged_prefill_gluon(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale * _LOG2E, out,
                             group=group, group_pad=group_pad, block_n=cfg.block_n, stages=cfg.num_stages,
                             tiles=tiles, seqs_pow2=_seqs_pad(num_seqs))

@@ -81,6 +81,31 @@ def test_prefill_sweep_candidates(config, context_lens, query_lens) -> None:
     assert_matches(actual, expected, TOLERANCE[torch.bfloat16], f"prefill {config_name(config)} ctx={context_lens}")
 
 
+GLUON_LAYOUTS = [layout for layout in LAYOUTS if layout[1] in (64, 128) and layout[4] != torch.float32]
+GLUON_CONFIGS = [config for config in prefill_candidates() if config.gluon]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="the Gluon prefill needs sm_90")
+@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=config_name)
+@pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads", "dtype"), GLUON_LAYOUTS,
+                         ids=[LAYOUT_IDS[LAYOUTS.index(layout)] for layout in GLUON_LAYOUTS])
+@pytest.mark.parametrize(
+    ("context_lens", "query_lens"),
+    [([1, 15, 16, 17, 1000, 2048], [1, 15, 16, 17, 1000, 2048]), ([3000, 2049, 700], [500, 1, 129]),
+     ([300, 1024, 0, 77, 5000], [1, 1024, 0, 0, 1])],
+    ids=["prompts", "chunked", "mixed"],
+)
+def test_gluon_prefill_matches_reference(block_size, head_dim, q_heads, kv_heads, dtype, config, context_lens,
+                                         query_lens) -> None:
+    """The Gluon prefill on every 16-bit layout it takes (MHA, 16 rows per token, block sizes 8-32)
+    and on prompts, chunks over cached prefixes and mixed batches, as the Triton kernel is tested."""
+    batch = build_batch(context_lens, query_lens, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                        block_size=block_size, dtype=dtype, device="cuda")
+    actual, expected = run_prefill(batch, config=config)
+    assert_matches(actual, expected, TOLERANCE[dtype], f"gluon prefill {config_name(config)} ctx={context_lens}")
+
+
 @pytest.mark.parametrize("num_seqs", [8, 64])
 def test_store_and_decode_replay_in_cuda_graph(num_seqs) -> None:
     """Capture store_kvcache + paged_decode once, as the runner does for a batch-size bucket, then replay

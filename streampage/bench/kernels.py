@@ -504,7 +504,7 @@ def config_name(cfg: PrefillConfig) -> str:
     """Compact label of a PrefillConfig: '128x128 w8 s3', then ' d64' (diagonal tiles narrower than
     block_n), ' qreg', ' r128' and ' gluon' where they apply."""
     name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-    if cfg.block_n_diag < cfg.block_n:
+    if cfg.block_n_diag < cfg.block_n and not cfg.gluon:  # the Gluon kernel masks whole tiles
         name += f" d{cfg.block_n_diag}"
     return (name + (" qreg" if cfg.q_in_registers else "") + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
             + (" gluon" if cfg.gluon else ""))
