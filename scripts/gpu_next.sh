@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One single-GPU call that checks the current defaults (about 9 minutes; each step starts only if it
-# can end before the call's 600 s). Prints a short table; logs go into one archive (at most 8 files
-# return from a call).
+# One single-GPU call that checks what session 8 built on the CPU and the current defaults (about 8
+# minutes; each step starts only if its budget fits in the call's 600 s). Prints a short table; logs
+# go into one archive (at most 8 files return from a call). The throughput bar run with HF needs a
+# call of its own: scripts/gpu_tput_hf.sh.
 #   1. GPU tests: the engine (graphs against eager, longest-first decode, no kernel built by the first
-#      requests after the warm-up), the kernels, and the check that sampling, prefill and eager decode
-#      build one kernel variant for every step size and table width;
+#      requests after the warm-up), the kernels (the Gluon prefill's own tests included), the sampler
+#      (its fast-log path), and the check that sampling, prefill and eager decode build one kernel
+#      variant for every step size and table width;
 #   2. the kernel table (issue 4's bars; prefill timed against SDPA in alternating replays);
-#   3. the nano-vllm workload on the Qwen3-0.6B shape with HF continuous batching in the same run
-#      (issue 5's bar: >= 25,000 tok/s and >= 30x HF), with whatever time is left.
+#   3. the sampler against the PyTorch path (`bench kernels --sampler`);
+#   4. every prefill config, the Gluon ones included, paired with SDPA (scripts/probe_prefill_configs.py).
 set -u
 mkdir -p $OUT/next
 S=$OUT/summary.txt
@@ -19,15 +21,14 @@ step() {  # step NAME BUDGET COMMAND...: run COMMAND under `timeout BUDGET` if B
   timeout $budget "$@" > $OUT/next/$name.log 2>&1
 }
 . scripts/gpu_setup.sh > $OUT/next/setup.log 2>&1
-step gpu_tests 170 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py tests/test_kernels_gpu.py \
-    tests/test_jit_watch.py -k "not sweep_candidates"
-echo "gpu tests: $(tail -1 $OUT/next/gpu_tests.log)" | tee -a $S
+step gpu_tests 200 python3 -m pytest -q -m gpu tests/test_gpu_engine.py tests/test_kernels_gpu.py \
+    tests/test_sampling_kernel.py tests/test_jit_watch.py -k "not sweep_candidates"
+{ echo "gpu tests: $(tail -1 $OUT/next/gpu_tests.log)"; grep "^FAILED" $OUT/next/gpu_tests.log | head -8; } | tee -a $S
 step kernels 110 python3 -m streampage.cli bench kernels --no-flex --output $OUT/next/kernels.json
 grep -A8 "^     shape splits\|^ tokens seqs" $OUT/next/kernels.log | tee -a $S
-# Last, with the rest of the call: HF's half alone takes about 240 s, more on a slow host (session 8
-# ran past a fixed 300 s budget).
-step tput_hf $((LIMIT - (SECONDS - START) - 10)) python3 -m streampage.cli bench throughput --model qwen3-0.6b \
-    --compare hf --output $OUT/next/tput_hf.json
-{ echo "== throughput with HF"; grep -v "WARNING\|capturing\|loading" $OUT/next/tput_hf.log | tail -6; } | tee -a $S
+step sampler 60 python3 -m streampage.cli bench kernels --sampler --output $OUT/next/sampler.json
+{ echo "== sampler"; tail -12 $OUT/next/sampler.log; } | tee -a $S
+step prefill_configs 150 python3 scripts/probe_prefill_configs.py --reps 4
+{ echo "== prefill configs paired with SDPA"; tail -22 $OUT/next/prefill_configs.log; } | tee -a $S
 echo "done in $((SECONDS - START)) s" | tee -a $S
 (cd $OUT && tar czf next.tgz next && rm -rf next)
