@@ -625,14 +625,10 @@ def paged_prefill(
     # plus one partial tile per sequence in all.
     tiles = cdiv(q.shape[0], block_m // group_pad) + num_seqs
     if cfg.gluon:
-        from .paged_prefill_gluon import BLOCK_M, paged_prefill_gluon
+        from .paged_prefill_gluon import paged_prefill_gluon
 
-        if block_m != BLOCK_M.value or cfg.num_warps != 8 or cfg.q_in_registers or cfg.maxnreg:
-            raise ValueError(f"PrefillConfig(gluon=True) needs block_m {BLOCK_M.value} and 8 warps, without "
-                             f"q_in_registers or maxnreg, got {cfg}")
         paged_prefill_gluon(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale * _LOG2E, out,
-                            group=group, group_pad=group_pad, block_n=cfg.block_n, stages=cfg.num_stages,
-                            tiles=tiles, seqs_pow2=_seqs_pad(num_seqs))
+                            cfg, group=group, group_pad=group_pad, tiles=tiles, seqs_pow2=_seqs_pad(num_seqs))
         return out
     _prefill_kernel[(num_kv_heads, tiles)](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,

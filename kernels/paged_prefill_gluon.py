@@ -28,6 +28,8 @@ absorb the renames between Triton 3.6 (the H200's) and 3.9 (CI's); tests/sm90_pt
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -38,6 +40,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_init,
     warpgroup_mma_wait,
 )
+
+if TYPE_CHECKING:  # paged_attention imports this module lazily, at the first Gluon launch
+    from .paged_attention import PrefillConfig
 
 # Names that moved between Triton 3.6 and 3.9: cp.async from a pointer tensor into shared memory
 # (`async_copy_global_to_shared`, later `async_load`; the old name raises), and the CTA barrier
@@ -208,11 +213,17 @@ def _prefill_kernel(
         gl.store(out_ptr + o_off[:, None] + o_dims[None, :], result.to(out_ptr.dtype.element_ty), mask=keep[:, None])
 
 
-def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              group_pad: int) -> str | None:
-    """Why this kernel cannot run these tensors, or None: a CUDA device of sm_90 or later, 16-bit
-    caches, head_dim 64 or 128, a group that fits a 128-row tile, and rows that cp.async can move 16
-    bytes at a time (contiguous head_dim, strides and base addresses in 16-byte units)."""
+def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group_pad: int,
+                              config: PrefillConfig) -> str | None:
+    """Why this kernel cannot run `config` on these tensors, or None: 128-row tiles, 8 warps and at
+    least 3 stages (two key tiles in flight) without q_in_registers or maxnreg; a CUDA device of sm_90
+    or later; q and the caches in one 16-bit dtype; head_dim 64 or 128; a group that fits a tile; rows
+    that cp.async can move 16 bytes at a time (contiguous head_dim, strides and base addresses in
+    16-byte units)."""
+    if (config.block_m != BLOCK_M.value or config.num_warps != NUM_WARPS.value or config.num_stages < 3
+            or config.q_in_registers or config.maxnreg):
+        return (f"needs block_m {BLOCK_M.value}, {NUM_WARPS.value} warps and at least 3 stages, without "
+                f"q_in_registers or maxnreg, got {config}")
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (9, 0):
         return "needs a CUDA device of compute capability 9.0 or later"
     if k_cache.dtype not in (torch.float16, torch.bfloat16) or q.dtype != k_cache.dtype:
@@ -229,21 +240,19 @@ def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_prefill_gluon(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    query_start_loc: torch.Tensor, context_lens: torch.Tensor, qk_scale: float, out: torch.Tensor, *,
-    group: int, group_pad: int, block_n: int, stages: int, tiles: int, seqs_pow2: int,
+    query_start_loc: torch.Tensor, context_lens: torch.Tensor, qk_scale: float, out: torch.Tensor,
+    config: PrefillConfig, *, group: int, group_pad: int, tiles: int, seqs_pow2: int,
 ) -> None:
-    """Launch the kernel over grid (kv_heads, tiles) as `paged_attention.paged_prefill` sizes it;
-    qk_scale is the softmax scale times log2(e)."""
-    why = gluon_prefill_unsupported(q, k_cache, v_cache, group_pad)
+    """Launch the kernel over grid (kv_heads, tiles) as `paged_attention.paged_prefill` sizes it, with
+    `config`'s key tile and stages; qk_scale is the softmax scale times log2(e)."""
+    why = gluon_prefill_unsupported(q, k_cache, v_cache, group_pad, config)
     if why:
         raise ValueError(f"paged_prefill with PrefillConfig(gluon=True) {why}")
-    if stages < 3:
-        raise ValueError(f"the Gluon prefill keeps two key tiles in flight: stages must be at least 3, got {stages}")
     _prefill_kernel[(k_cache.shape[2], tiles)](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, qk_scale, query_start_loc.shape[0] - 1,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=q.shape[-1], BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n,
-        STAGES=stages, SEQS_POW2=seqs_pow2, SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=q.shape[-1], BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n,
+        STAGES=config.num_stages, SEQS_POW2=seqs_pow2, SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
         num_warps=NUM_WARPS.value,
     )

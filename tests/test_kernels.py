@@ -319,23 +319,25 @@ def test_prefill_default_tiles_and_out() -> None:
 
 
 def test_gluon_prefill_refuses_what_it_cannot_run_and_names_why() -> None:
-    """The Gluon kernel runs only on sm_90+ GPUs (its GPU tests are the sweep candidates' in
-    tests/test_kernels_gpu.py); elsewhere a config asking for it fails with the reason, and the
-    checks cover dtype, head size and 16-byte rows whatever the device."""
+    """The Gluon kernel runs only on sm_90+ GPUs (its GPU tests are in tests/test_kernels_gpu.py);
+    elsewhere, or with a config it cannot honour, a call asking for it fails with the reason, and the
+    checks cover dtype and head size whatever the device."""
     from streampage.kernels.paged_prefill_gluon import gluon_prefill_unsupported
 
     batch = build_batch([40], [40], q_heads=8, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"gluon=True.*compute capability 9\.0"):
         run_prefill(batch, config=PrefillConfig(128, 128, 8, 3, gluon=True))
-    for config in (PrefillConfig(64, 64, 4, 3, gluon=True), PrefillConfig(128, 64, 8, 3, maxnreg=128, gluon=True)):
-        with pytest.raises(ValueError, match="needs block_m 128 and 8 warps, without q_in_registers or maxnreg"):
+    for config in (PrefillConfig(64, 64, 4, 3, gluon=True), PrefillConfig(128, 64, 8, 3, maxnreg=128, gluon=True),
+                   PrefillConfig(128, 128, 8, 2, gluon=True)):
+        with pytest.raises(ValueError, match="needs block_m 128, 8 warps and at least 3 stages, without q_in_regi"):
             run_prefill(batch, config=config)
     if not torch.cuda.is_available():
         return
     cuda = build_batch([40], [40], q_heads=8, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float16,
                        device="cuda")
-    assert gluon_prefill_unsupported(cuda.q.float(), cuda.k_cache, cuda.v_cache, 4) is not None
-    assert "head_dim 64 or 128" in gluon_prefill_unsupported(cuda.q[..., :32], cuda.k_cache, cuda.v_cache, 4)
+    config = PrefillConfig(128, 128, 8, 3, gluon=True)
+    assert gluon_prefill_unsupported(cuda.q.float(), cuda.k_cache, cuda.v_cache, 4, config) is not None
+    assert "head_dim 64 or 128" in gluon_prefill_unsupported(cuda.q[..., :32], cuda.k_cache, cuda.v_cache, 4, config)
 
 
 batches = st.lists(

@@ -364,6 +364,17 @@ def sdpa_prefill_calls(inputs: PrefillInputs) -> dict[str, Callable[[], torch.Te
     }
 
 
+def sdpa_prefill_output(inputs: PrefillInputs) -> torch.Tensor:
+    """SDPA's output on `inputs` in paged_prefill's layout [tokens, q_heads, head_dim], fp32: the
+    answer every prefill config is checked against before it is timed."""
+    return sdpa_prefill_calls(inputs)["enable_gqa"]().transpose(1, 2).reshape(inputs.q.shape).float()
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |actual - expected| / (1 + |expected|): what SWEEP_TOLERANCE bounds."""
+    return float(((actual.float() - expected).abs() / (1 + expected.abs())).max())
+
+
 def bench_prefill(tokens: int, num_seqs: int, timer: Timer) -> dict[str, Any]:
     """paged_prefill against the faster SDPA variant, their graphs replayed alternately: these kernels
     run at the GPU's power limit, where clocks drift by more than 10% over a run (session 6 timed one
@@ -520,14 +531,13 @@ def prefill_sweep(reps: int, baseline: list[dict[str, Any]]) -> list[dict[str, A
     found: list[dict[str, Any]] = []
     for tokens, num_seqs in shapes:
         inputs = PrefillInputs(tokens, num_seqs)
-        expected = sdpa_prefill_calls(inputs)["enable_gqa"]().transpose(1, 2).reshape(inputs.q.shape).float()
+        expected = sdpa_prefill_output(inputs)
         for cfg in candidates:
             row: dict[str, Any] = {"tokens": tokens, "seqs": num_seqs, "config": config_name(cfg),
                                    **dataclasses.asdict(cfg)}
             call = inputs.paged_call(config=cfg)
             try:
-                actual = call().float()
-                row["max_error"] = float(((actual - expected).abs() / (1 + expected.abs())).max())
+                row["max_error"] = max_relative_error(call(), expected)
                 row["us"] = timer.graph([call])
             except Exception as exc:  # a config the compiler or the SM cannot fit is reported, not fatal
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -698,8 +708,7 @@ def bench_gemv_case(weights: list[torch.Tensor], m: int, timer: Timer, copy_tb_s
         return [functools.partial(skinny_linear, x, w, config=cfg) for w in weights]
 
     def error(cfg: GemvConfig) -> float:
-        actual = skinny_linear(x, weights[0], config=cfg).float()
-        return float(((actual - expected).abs() / (1 + expected.abs())).max())
+        return max_relative_error(skinny_linear(x, weights[0], config=cfg), expected)
 
     weight_bytes = weights[0].numel() * weights[0].element_size()
     row: dict[str, Any] = {"n": n, "k": k, "m": m, "weight_bytes": weight_bytes, "input_sets": len(weights)}
