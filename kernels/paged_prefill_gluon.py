@@ -50,8 +50,10 @@ if TYPE_CHECKING:  # paged_attention imports this module lazily, at the first Gl
 _gather_to_shared = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
-NUM_WARPS = gl.constexpr(8)  # two warpgroups of 64 rows each
-BLOCK_M = gl.constexpr(128)  # query rows per program: tokens x the group's (padded) heads
+# (query rows per program, warps): one warpgroup of 64 rows, or two of 64 rows each. Two 64-row
+# programs fit an SM with 64-key tiles (112 KB of shared memory and up to 255 registers a thread
+# each), so one program's softmax can run while the other's MMAs do, with no barrier tying them.
+SHAPES = ((64, 4), (128, 8))
 
 
 @gluon.jit
@@ -60,7 +62,8 @@ def _add(a, b):
 
 
 @gluon.jit
-def _tile_owner(query_start_loc_ptr, num_seqs, tile_id, TOKENS: gl.constexpr, SEQS_POW2: gl.constexpr):
+def _tile_owner(query_start_loc_ptr, num_seqs, tile_id, TOKENS: gl.constexpr, SEQS_POW2: gl.constexpr,
+                NUM_WARPS: gl.constexpr):
     """`paged_attention._tile_owner` in Gluon: the sequence owning batch tile `tile_id` and the
     tile's index within it (num_seqs for a tile past the batch)."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
@@ -112,7 +115,8 @@ def _prefill_kernel(
     stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
     stride_bt_s, stride_o_t, stride_o_h,
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SEQS_POW2: gl.constexpr, SAME_KV_LAYOUT: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SEQS_POW2: gl.constexpr,
+    SAME_KV_LAYOUT: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
     TOKENS: gl.constexpr = BLOCK_M // GROUP_PAD
     dtype: gl.constexpr = k_ptr.dtype.element_ty
@@ -128,7 +132,7 @@ def _prefill_kernel(
 
     kv_head = gl.program_id(0)
     seq, tile = _tile_owner(query_start_loc_ptr, num_seqs, gl.num_programs(1) - 1 - gl.program_id(1), TOKENS,
-                            SEQS_POW2)
+                            SEQS_POW2, NUM_WARPS)
     if seq < num_seqs:
         q_begin = gl.load(query_start_loc_ptr + seq)
         q_len = gl.load(query_start_loc_ptr + seq + 1) - q_begin
@@ -220,18 +224,18 @@ def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     or later; q and the caches in one 16-bit dtype; head_dim 64 or 128; a group that fits a tile; rows
     that cp.async can move 16 bytes at a time (contiguous head_dim, strides and base addresses in
     16-byte units)."""
-    if (config.block_m != BLOCK_M.value or config.num_warps != NUM_WARPS.value or config.num_stages < 3
-            or config.q_in_registers or config.maxnreg):
-        return (f"needs block_m {BLOCK_M.value}, {NUM_WARPS.value} warps and at least 3 stages, without "
-                f"q_in_registers or maxnreg, got {config}")
+    if ((config.block_m, config.num_warps) not in SHAPES or config.num_stages < 3 or config.q_in_registers
+            or config.maxnreg):
+        return (f"needs (block_m, num_warps) in {SHAPES} and at least 3 stages, without q_in_registers or "
+                f"maxnreg, got {config}")
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (9, 0):
         return "needs a CUDA device of compute capability 9.0 or later"
     if k_cache.dtype not in (torch.float16, torch.bfloat16) or q.dtype != k_cache.dtype:
         return f"needs q and the caches in one 16-bit float dtype, got {q.dtype} and {k_cache.dtype}"
     if q.shape[-1] not in (64, 128):
         return f"needs head_dim 64 or 128, got {q.shape[-1]}"
-    if group_pad > BLOCK_M.value:
-        return f"needs at most {BLOCK_M.value} query heads per KV head, got {group_pad}"
+    if group_pad > config.block_m:
+        return f"needs at most {config.block_m} query heads per KV head, got {group_pad}"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
             return f"needs {name} rows in 16-byte units, got strides {t.stride()}"
@@ -252,7 +256,7 @@ def paged_prefill_gluon(
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, qk_scale, query_start_loc.shape[0] - 1,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=q.shape[-1], BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n,
-        STAGES=config.num_stages, SEQS_POW2=seqs_pow2, SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
-        num_warps=NUM_WARPS.value,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=q.shape[-1], BLOCK_SIZE=k_cache.shape[1], BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, STAGES=config.num_stages, SEQS_POW2=seqs_pow2,
+        SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(), NUM_WARPS=config.num_warps, num_warps=config.num_warps,
     )

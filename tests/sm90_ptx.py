@@ -1,8 +1,8 @@
 """PTX for sm_90 of the decode path's Triton kernels, with and without PDL, and of the prefill kernel:
 run as a script (in a process without TRITON_INTERPRET, which replaces @triton.jit functions by
 interpreted ones), it prints {"kernel/pdl": [griddepcontrol.wait count, griddepcontrol.launch_dependents
-count], "prefill": [wgmma instruction count], "prefill-gluon": [wgmma count, wgmma.wait_group count,
-16-byte cp.async count], "sampler/FAST_LOG2": [lg2.approx count, PTX lines]} as JSON.
+count], "prefill": [wgmma instruction count], "prefill-gluon/{128,64}": [wgmma count,
+wgmma.wait_group count, 16-byte cp.async count], "sampler/FAST_LOG2": [lg2.approx count, PTX lines]} as JSON.
 tests/test_sm90_compile.py runs it."""
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
 SAMPLE_ARGS = {"logits_ptr": "*bf16", "temperature_ptr": "*fp32", "seed_ptr": "*i64", "partial_ptr": "*fp32",
                "partial_idx_ptr": "*i32", "token_ptr": "*i64", "logprob_ptr": "*fp32"}
 SAMPLE_CONSTS = {"LANES": 256, "RANDOM": True, "FINAL": False}
-GLUON_PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": 128, "STAGES": 3,
-                        "SEQS_POW2": 16, "SAME_KV_LAYOUT": True}
+GLUON_PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_M": 128, "BLOCK_N": 128,
+                        "STAGES": 3, "SEQS_POW2": 16, "SAME_KV_LAYOUT": True, "NUM_WARPS": 8}
 KERNELS = {
     "gemv": (gemv._skinny_linear_kernel, GEMV_ARGS, GEMV_CONSTS, {"num_warps": 4}),
     "decode-split": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_CONSTS, {"num_warps": 4, "num_stages": 3}),
@@ -82,10 +82,12 @@ def main() -> None:
             counts[f"{name}/{pdl}"] = [code.count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]
     code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, PREFILL_CONSTS, num_warps=8, num_stages=3)
     counts["prefill"] = [code.count("wgmma.mma_async")]
-    code = ptx(paged_prefill_gluon._prefill_kernel, PREFILL_ARGS, GLUON_PREFILL_CONSTS, gluon=True, num_warps=8)
-    copies = [line for line in code.splitlines() if "cp.async.cg.shared.global" in line]
-    counts["prefill-gluon"] = [code.count("wgmma.mma_async"), code.count("wgmma.wait_group"),
-                               sum(line.rstrip(";").endswith("0x10, 0x10") for line in copies)]  # 16 bytes each
+    for block_m, warps, block_n in ((128, 8, 128), (64, 4, 64)):  # two warpgroups; one (two programs an SM)
+        consts = {**GLUON_PREFILL_CONSTS, "BLOCK_M": block_m, "NUM_WARPS": warps, "BLOCK_N": block_n}
+        code = ptx(paged_prefill_gluon._prefill_kernel, PREFILL_ARGS, consts, gluon=True, num_warps=warps)
+        copies = [line for line in code.splitlines() if "cp.async.cg.shared.global" in line]
+        counts[f"prefill-gluon/{block_m}"] = [code.count("wgmma.mma_async"), code.count("wgmma.wait_group"),
+                                              sum(line.rstrip(";").endswith("0x10, 0x10") for line in copies)]
     for fast in (False, True):
         code = ptx(sampling._sample_kernel, SAMPLE_ARGS, {**SAMPLE_CONSTS, "FAST_LOG2": fast}, num_warps=4)
         counts[f"sampler/{fast}"] = [code.count("lg2.approx"), sum(1 for line in code.splitlines()

@@ -490,13 +490,15 @@ def prefill_candidates() -> list[PrefillConfig]:
     """The PrefillConfigs `--prefill-sweep` times (the default first). One program per SM: 128-row
     tiles of 128 or 64 keys, two warpgroups, in Triton or in Gluon (the softmax of one tile overlapping
     the MMA of the next). Two programs per SM (one's softmax overlapping the other's MMAs): 64 x 64
-    tiles with one warpgroup, or 128-row tiles with two warpgroups capped at 128 registers a thread."""
+    tiles with one warpgroup (in Triton, or in Gluon with its own overlap too), or 128-row tiles with
+    two warpgroups capped at 128 registers a thread."""
     from streampage.kernels import PrefillConfig
 
     return [
         PrefillConfig(128, 128, 8, 3),
         PrefillConfig(128, 128, 8, 3, gluon=True),
         PrefillConfig(128, 64, 8, 4, gluon=True),
+        PrefillConfig(64, 64, 4, 3, gluon=True),
         PrefillConfig(128, 128, 8, 3, block_n_diag=128),
         PrefillConfig(128, 128, 8, 2),
         PrefillConfig(128, 64, 8, 3),
