@@ -1,26 +1,28 @@
 """`paged_prefill` for Hopper in Gluon (`PrefillConfig(gluon=True)`): the softmax of one key tile
-runs while the tensor cores compute the scores of the next.
+runs while the tensor cores compute P @ V of the one before.
 
-The Triton kernel (`paged_attention._prefill_kernel`) is bound by instruction issue: Triton waits for
-each Q @ K^T MMA right after issuing it, so a tile costs its MMAs plus its softmax, one after the
-other (docs/kernels.md). Gluon lets the kernel say when to wait. Per key tile j, with S_j = Q K_j^T
-already in flight from the iteration before:
+The Triton kernel (`paged_attention._prefill_kernel`) waits for each Q @ K^T MMA right after issuing
+it and runs the softmax with the tensor cores idle, so a tile costs its MMAs plus its softmax, one
+after the other (docs/kernels.md). Gluon lets the kernel say when to wait. Per key tile j, holding
+P_j (the softmax of S_j = Q K_j^T):
 
-    wait for tile j+1's K/V copies; issue S_{j+1} asynchronously
-    wait for S_j (and P_{j-1} @ V_{j-1}): at most the MMA just issued stays in flight
-    refill the ring stage tile j-1 used with tile j + STAGES - 1
-    softmax of S_j (masked on the diagonal), rescale O, issue O += P_j @ V_j asynchronously
+    wait for tile j+1's K/V copies (one CTA barrier)
+    issue S_{j+1} and O += P_j @ V_j; refill the ring stage tile j-1 used with tile j + STAGES - 1
+    wait for S_{j+1} only (MMAs finish in order); softmax of S_{j+1} while P_j @ V_j runs
+    wait for P_j @ V_j; rescale O by the new running max
 
-so the exponentials and reductions of tile j overlap the MMA of tile j+1. K/V pages are gathered by
-`cp.async` (16 bytes a thread a row chunk) into a ring of STAGES NVMMA-swizzled shared buffers; page
-numbers are read one tile before their copies are issued. Q stays in shared memory for every MMA.
+Every MMA is waited for within the iteration that issued it. That is not only tidy: ptxas serialises
+all of a kernel's MMAs (each one waited for as it is issued, info C7514/C7518) if an MMA's registers
+may be read or copied while it is in flight, which an MMA carried across the loop's back edge, or
+around a branch, causes. K/V pages are gathered by `cp.async` (16 bytes a thread a row chunk) into
+a ring of STAGES NVMMA-swizzled shared buffers; page numbers are read one tile before their copies
+are issued. Q stays in shared memory for every MMA.
 
 Same contract as the Triton kernel (grid from tensor shapes only, tiles numbered across the batch
 from the end, query rows = tokens x the group's heads), for 16-bit caches with head_dim 64 or 128 on
-sm_90 and later, 8 warps: each warpgroup owns 64 of the tile's 128 rows. Rows past a chunk read a
-valid row and are never stored; keys past the last position read the last key and are masked out,
-so no copy depends on zero-filling. The last iteration computes one S tile nobody reads (the price
-of a loop without a branch around an asynchronous MMA).
+sm_90 and later: 64-row programs of one warpgroup or 128-row programs of two. Rows past a chunk read
+a valid row and are never stored; keys past the last position read the last key and are masked out,
+so no copy depends on zero-filling.
 
 Gluon is experimental and its API moves between Triton releases: `_gather_to_shared` and `_cta_barrier`
 absorb the renames between Triton 3.6 (the H200's) and 3.9 (CI's); tests/sm90_ptx.py compiles the kernel.
@@ -37,7 +39,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     warpgroup_mma,
-    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 
@@ -108,6 +109,18 @@ def _gather_tile(k_dst, v_dst, k_ptr, v_ptr, pages, tile, hi, keys, dims, kv_hea
     async_copy.commit_group()
 
 
+@gluon.jit
+def _softmax_tile(s, j, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N: gl.constexpr):
+    """Online-softmax step for the scores s of key tile j: keys past a row's position masked (on every
+    tile: a branch would put MMA registers in a divergent path). Returns P (unnormalised), the new
+    running max and sum, and alpha, the factor that rescales what was accumulated before."""
+    s = gl.where(j * BLOCK_N + key_cols[None, :] <= q_pos[:, None], s, float("-inf"))
+    m_new = gl.maximum(m, gl.max(s, axis=1) * qk_scale)  # every row sees key 0: finite from tile 0 on
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m - m_new)
+    return p, m_new, row_sum * alpha + gl.sum(p, axis=1), alpha
+
+
 @gluon.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
@@ -133,88 +146,88 @@ def _prefill_kernel(
     kv_head = gl.program_id(0)
     seq, tile = _tile_owner(query_start_loc_ptr, num_seqs, gl.num_programs(1) - 1 - gl.program_id(1), TOKENS,
                             SEQS_POW2, NUM_WARPS)
-    if seq < num_seqs:
-        q_begin = gl.load(query_start_loc_ptr + seq)
-        q_len = gl.load(query_start_loc_ptr + seq + 1) - q_begin
-        context_len = gl.load(context_lens_ptr + seq)
-        tile_token = tile * TOKENS
-        first_pos = context_len - q_len + tile_token  # the chunk holds the context's last q_len positions
-        hi = gl.minimum(first_pos + TOKENS, context_len)  # keys 0..hi-1 are visible to some row
-        num_tiles = (hi + BLOCK_N - 1) // BLOCK_N
-        block_table = block_tables_ptr + seq.to(gl.int64) * stride_bt_s
+    if seq >= num_seqs:
+        return
+    q_begin = gl.load(query_start_loc_ptr + seq)
+    q_len = gl.load(query_start_loc_ptr + seq + 1) - q_begin
+    context_len = gl.load(context_lens_ptr + seq)
+    tile_token = tile * TOKENS
+    first_pos = context_len - q_len + tile_token  # the chunk holds the context's last q_len positions
+    hi = gl.minimum(first_pos + TOKENS, context_len)  # keys 0..hi-1 are visible to some row
+    num_tiles = (hi + BLOCK_N - 1) // BLOCK_N  # at least 1: a tile that exists holds a query
+    block_table = block_tables_ptr + seq.to(gl.int64) * stride_bt_s
 
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
 
-        # Q: row r is token tile_token + r // GROUP_PAD, head kv_head * GROUP + r % GROUP_PAD; padding
-        # rows read the chunk's last token and the group's last head (finite, never stored).
-        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_l))
-        dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_l))
-        token = gl.minimum(tile_token + rows // GROUP_PAD, q_len - 1)
-        head = kv_head * GROUP + gl.minimum(rows % GROUP_PAD, GROUP - 1)
-        q_rows = (q_begin + token).to(gl.int64) * stride_q_t + head * stride_q_h
-        _gather_to_shared(q_smem, q_ptr + q_rows[:, None] + dims[None, :])
+    # Q: row r is token tile_token + r // GROUP_PAD, head kv_head * GROUP + r % GROUP_PAD; padding
+    # rows read the chunk's last token and the group's last head (finite, never stored).
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_l))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_l))
+    token = gl.minimum(tile_token + rows // GROUP_PAD, q_len - 1)
+    head = kv_head * GROUP + gl.minimum(rows % GROUP_PAD, GROUP - 1)
+    q_rows = (q_begin + token).to(gl.int64) * stride_q_t + head * stride_q_h
+    _gather_to_shared(q_smem, q_ptr + q_rows[:, None] + dims[None, :])
 
-        # The ring: tiles 0..STAGES-2 in flight (Q in the first group), page numbers of the next ready.
-        keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, copy_l))
-        for t in gl.static_range(STAGES - 1):
-            _gather_tile(k_smem.index(t), v_smem.index(t), k_ptr, v_ptr,
-                         _tile_pages(block_table, t, hi, keys, BLOCK_N, BLOCK_SIZE), t, hi, keys, dims, kv_head,
-                         stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
-                         BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
-        pages_next = _tile_pages(block_table, STAGES - 1, hi, keys, BLOCK_N, BLOCK_SIZE)
+    # The ring: tiles 0..STAGES-2 in flight (Q in the first group), page numbers of the next ready.
+    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, copy_l))
+    for t in gl.static_range(STAGES - 1):
+        _gather_tile(k_smem.index(t), v_smem.index(t), k_ptr, v_ptr,
+                     _tile_pages(block_table, t, hi, keys, BLOCK_N, BLOCK_SIZE), t, hi, keys, dims, kv_head,
+                     stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+                     BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
+    pages_next = _tile_pages(block_table, STAGES - 1, hi, keys, BLOCK_N, BLOCK_SIZE)
 
-        # Scores are in base 2 (qk_scale = softmax scale x log2 e), m in scaled units.
-        q_pos = context_len - q_len + tile_token + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l)) // GROUP_PAD
-        key_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
-        m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
-        row_sum = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_l))
-        acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_l))
-        no_scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_l)
+    # Scores are in base 2 (qk_scale = softmax scale x log2 e), m in scaled units.
+    q_pos = context_len - q_len + tile_token + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l)) // GROUP_PAD
+    key_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+    m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
+    row_sum = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_l))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_l)
+    no_scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_l)
 
-        async_copy.wait_group(STAGES - 2)  # Q and tile 0
+    async_copy.wait_group(STAGES - 2)  # Q and tile 0
+    _cta_barrier()
+    fence_async_shared()
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), no_scores, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s])
+    p, m, row_sum, _ = _softmax_tile(s, 0, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N)
+    # Iteration j: S_{j+1} and P_j @ V_j go to the tensor cores together; the softmax of S_{j+1} runs
+    # while P_j @ V_j does. Every MMA is waited for within its iteration: ptxas serialises all of a
+    # kernel's MMAs if one's registers are copied or read while it may be in flight, which a value in
+    # flight across the loop's back edge (or around the zero-trip branch) would cause.
+    for j in range(num_tiles - 1):
+        # Tile j+1's copies have landed once at most STAGES - 3 newer groups are pending; after the
+        # barrier every warp is past iteration j-1's last wait, so tile j-1's stage is free.
+        async_copy.wait_group(STAGES - 3)
         _cta_barrier()
         fence_async_shared()
-        s_next = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), no_scores, use_acc=False, is_async=True)
-        for j in range(num_tiles):
-            s_cur = s_next
-            # Tiles up to j + 1 have landed once at most STAGES - 3 newer copy groups are pending.
-            async_copy.wait_group(STAGES - 3)
-            _cta_barrier()
-            fence_async_shared()
-            s_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), no_scores,
-                                   use_acc=False, is_async=True)
-            # S_j and P_{j-1} @ V_{j-1} are done when only S_{j+1} is still in flight (MMAs finish in
-            # order); the barrier makes that true of both warpgroups before tile j-1's stage is reused.
-            s, acc = warpgroup_mma_wait(1, deps=[s_cur, acc])
-            _cta_barrier()
-            refill = (j + STAGES - 1) % STAGES
-            _gather_tile(k_smem.index(refill), v_smem.index(refill), k_ptr, v_ptr, pages_next, j + STAGES - 1, hi,
-                         keys, dims, kv_head, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
-                         BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
-            pages_next = _tile_pages(block_table, j + STAGES, hi, keys, BLOCK_N, BLOCK_SIZE)
+        s_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), no_scores,
+                               use_acc=False, is_async=True)
+        pv = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_smem.index(j % STAGES), acc, is_async=True)
+        refill = (j + STAGES - 1) % STAGES
+        _gather_tile(k_smem.index(refill), v_smem.index(refill), k_ptr, v_ptr, pages_next, j + STAGES - 1, hi,
+                     keys, dims, kv_head, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+                     BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
+        pages_next = _tile_pages(block_table, j + STAGES, hi, keys, BLOCK_N, BLOCK_SIZE)
+        s = warpgroup_mma_wait(1, deps=[s_next])  # MMAs finish in order: S_{j+1} is done, P_j @ V_j may not be
+        p, m, row_sum, alpha = _softmax_tile(s, j + 1, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N)
+        acc = warpgroup_mma_wait(0, deps=[pv]) * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    last = num_tiles - 1
+    async_copy.wait_group(0)  # the ring's last copies, before the program exits
+    _cta_barrier()
+    fence_async_shared()
+    pv = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_smem.index(last % STAGES), acc, is_async=True)
+    out = warpgroup_mma_wait(0, deps=[pv])
 
-            if (j + 1) * BLOCK_N - 1 > first_pos:  # a tile some row must not see all of: the diagonal
-                s = gl.where(j * BLOCK_N + key_cols[None, :] <= q_pos[:, None], s, float("-inf"))
-            m_new = gl.maximum(m, gl.max(s, axis=1) * qk_scale)  # every row sees key 0: finite after tile 0
-            p = gl.exp2(s * qk_scale - m_new[:, None])
-            alpha = gl.exp2(m - m_new)
-            row_sum = row_sum * alpha + gl.sum(p, axis=1)
-            o = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_l)
-            acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), o, is_async=True)
-            m = m_new
-        out, _ = warpgroup_mma_wait(0, deps=[acc, s_next])
-        async_copy.wait_group(0)  # the ring's last copies, before the program exits
-
-        o_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
-        o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
-        o_token = tile_token + o_rows // GROUP_PAD
-        keep = (o_token < q_len) & (o_rows % GROUP_PAD < GROUP)
-        o_off = (q_begin + o_token).to(gl.int64) * stride_o_t + (kv_head * GROUP + o_rows % GROUP_PAD) * stride_o_h
-        result = out / gl.convert_layout(row_sum, gl.SliceLayout(1, o_l))[:, None]
-        gl.store(out_ptr + o_off[:, None] + o_dims[None, :], result.to(out_ptr.dtype.element_ty), mask=keep[:, None])
+    o_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
+    o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+    o_token = tile_token + o_rows // GROUP_PAD
+    keep = (o_token < q_len) & (o_rows % GROUP_PAD < GROUP)
+    o_off = (q_begin + o_token).to(gl.int64) * stride_o_t + (kv_head * GROUP + o_rows % GROUP_PAD) * stride_o_h
+    result = out / gl.convert_layout(row_sum, gl.SliceLayout(1, o_l))[:, None]
+    gl.store(out_ptr + o_off[:, None] + o_dims[None, :], result.to(out_ptr.dtype.element_ty), mask=keep[:, None])
 
 
 def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group_pad: int,

@@ -2,22 +2,39 @@
 run as a script (in a process without TRITON_INTERPRET, which replaces @triton.jit functions by
 interpreted ones), it prints {"kernel/pdl": [griddepcontrol.wait count, griddepcontrol.launch_dependents
 count], "prefill": [wgmma instruction count], "prefill-gluon/{128,64}": [wgmma count,
-wgmma.wait_group count, 16-byte cp.async count], "sampler/FAST_LOG2": [lg2.approx count, PTX lines]} as JSON.
+wgmma.wait_group count, 16-byte cp.async count, ptxas notes of serialised wgmma], "sampler/FAST_LOG2": [lg2.approx count, PTX lines]} as JSON.
 tests/test_sm90_compile.py runs it."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from streampage.kernels import fused_ops, gemv, paged_attention, paged_prefill_gluon, sampling
 
 HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def serialised_mma_notes(code: str) -> int:
+    """How many times ptxas (the one Triton assembles sm_90 with) reports wgmma serialised when
+    assembling `code` for sm_90a (info C7514-C7518: every MMA then waited for as it is issued)."""
+    ptxas = get_ptxas(90).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(code)
+        done = subprocess.run([ptxas, "-arch=sm_90a", src, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True, check=True)
+    return sum("serialized" in line for line in done.stderr.splitlines())
 
 
 def ptx(fn, pointers: dict[str, str], constexprs: dict, gluon: bool = False, **options) -> str:
@@ -87,7 +104,8 @@ def main() -> None:
         code = ptx(paged_prefill_gluon._prefill_kernel, PREFILL_ARGS, consts, gluon=True, num_warps=warps)
         copies = [line for line in code.splitlines() if "cp.async.cg.shared.global" in line]
         counts[f"prefill-gluon/{block_m}"] = [code.count("wgmma.mma_async"), code.count("wgmma.wait_group"),
-                                              sum(line.rstrip(";").endswith("0x10, 0x10") for line in copies)]
+                                              sum(line.rstrip(";").endswith("0x10, 0x10") for line in copies),
+                                              serialised_mma_notes(code)]
     for fast in (False, True):
         code = ptx(sampling._sample_kernel, SAMPLE_ARGS, {**SAMPLE_CONSTS, "FAST_LOG2": fast}, num_warps=4)
         counts[f"sampler/{fast}"] = [code.count("lg2.approx"), sum(1 for line in code.splitlines()

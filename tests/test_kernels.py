@@ -327,9 +327,10 @@ def test_gluon_prefill_refuses_what_it_cannot_run_and_names_why() -> None:
     batch = build_batch([40], [40], q_heads=8, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"gluon=True.*compute capability 9\.0"):
         run_prefill(batch, config=PrefillConfig(128, 128, 8, 3, gluon=True))
-    for config in (PrefillConfig(64, 64, 8, 3, gluon=True), PrefillConfig(128, 64, 8, 3, maxnreg=128, gluon=True),
-                   PrefillConfig(128, 128, 8, 2, gluon=True), PrefillConfig(64, 64, 4, 3, q_in_registers=True, gluon=True)):
-        with pytest.raises(ValueError, match=r"needs \(block_m, num_warps\) in \(\(64, 4\), \(128, 8\)\) and at least 3 st"):
+    refused = (PrefillConfig(64, 64, 8, 3, gluon=True), PrefillConfig(128, 64, 8, 3, maxnreg=128, gluon=True),
+               PrefillConfig(128, 128, 8, 2, gluon=True), PrefillConfig(64, 64, 4, 3, q_in_registers=True, gluon=True))
+    for config in refused:
+        with pytest.raises(ValueError, match=r"needs \(block_m, num_warps\) in \(\(64, 4\), \(128, 8\)\) and at le"):
             run_prefill(batch, config=config)
     if not torch.cuda.is_available():
         return
