@@ -110,15 +110,45 @@ def _gather_tile(k_dst, v_dst, k_ptr, v_ptr, pages, tile, hi, keys, dims, kv_hea
 
 
 @gluon.jit
-def _softmax_tile(s, j, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N: gl.constexpr):
-    """Online-softmax step for the scores s of key tile j: keys past a row's position masked (on every
-    tile: a branch would put MMA registers in a divergent path). Returns P (unnormalised), the new
-    running max and sum, and alpha, the factor that rescales what was accumulated before."""
-    s = gl.where(j * BLOCK_N + key_cols[None, :] <= q_pos[:, None], s, float("-inf"))
+def _softmax_tile(s, j, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
+    """Online-softmax step for the scores s of key tile j, keys past a row's position masked when MASK
+    (tiles at the diagonal). Returns P (unnormalised), the new running max and sum, and alpha, the
+    factor that rescales what was accumulated before."""
+    if MASK:
+        s = gl.where(j * BLOCK_N + key_cols[None, :] <= q_pos[:, None], s, float("-inf"))
     m_new = gl.maximum(m, gl.max(s, axis=1) * qk_scale)  # every row sees key 0: finite from tile 0 on
     p = gl.exp2(s * qk_scale - m_new[:, None])
     alpha = gl.exp2(m - m_new)
     return p, m_new, row_sum * alpha + gl.sum(p, axis=1), alpha
+
+
+@gluon.jit
+def _pipelined_tile(j, p, acc, m, row_sum, pages_next, q_smem, k_smem, v_smem, no_scores, q_pos, key_cols,
+                    k_ptr, v_ptr, block_table, hi, keys, dims, kv_head, qk_scale,
+                    stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+                    BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr,
+                    SAME_KV_LAYOUT: gl.constexpr, MASK: gl.constexpr, p_l: gl.constexpr, o_l: gl.constexpr):
+    """Iteration j, holding P_j: S_{j+1} and P_j @ V_j go to the tensor cores together, the ring stage
+    of tile j-1 is refilled, and the softmax of S_{j+1} (masked when MASK) runs while P_j @ V_j does.
+    Both MMAs are waited for before it returns. Returns P_{j+1} and the updated state."""
+    # Tile j+1's copies have landed once at most STAGES - 3 newer groups are pending; after the
+    # barrier every warp is past iteration j-1's last wait, so tile j-1's stage is free.
+    async_copy.wait_group(STAGES - 3)
+    _cta_barrier()
+    fence_async_shared()
+    s_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), no_scores,
+                           use_acc=False, is_async=True)
+    pv = warpgroup_mma(gl.convert_layout(p.to(k_ptr.dtype.element_ty), p_l), v_smem.index(j % STAGES), acc,
+                       is_async=True)
+    refill = (j + STAGES - 1) % STAGES
+    _gather_tile(k_smem.index(refill), v_smem.index(refill), k_ptr, v_ptr, pages_next, j + STAGES - 1, hi,
+                 keys, dims, kv_head, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+                 BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
+    pages_next = _tile_pages(block_table, j + STAGES, hi, keys, BLOCK_N, BLOCK_SIZE)
+    s = warpgroup_mma_wait(1, deps=[s_next])  # MMAs finish in order: S_{j+1} is done, P_j @ V_j may not be
+    p, m, row_sum, alpha = _softmax_tile(s, j + 1, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, MASK)
+    acc = warpgroup_mma_wait(0, deps=[pv]) * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    return p, acc, m, row_sum, pages_next
 
 
 @gluon.jit(do_not_specialize=["num_seqs"])
@@ -192,28 +222,23 @@ def _prefill_kernel(
     fence_async_shared()
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), no_scores, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s])
-    p, m, row_sum, _ = _softmax_tile(s, 0, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N)
-    # Iteration j: S_{j+1} and P_j @ V_j go to the tensor cores together; the softmax of S_{j+1} runs
-    # while P_j @ V_j does. Every MMA is waited for within its iteration: ptxas serialises all of a
-    # kernel's MMAs if one's registers are copied or read while it may be in flight, which a value in
-    # flight across the loop's back edge (or around the zero-trip branch) would cause.
-    for j in range(num_tiles - 1):
-        # Tile j+1's copies have landed once at most STAGES - 3 newer groups are pending; after the
-        # barrier every warp is past iteration j-1's last wait, so tile j-1's stage is free.
-        async_copy.wait_group(STAGES - 3)
-        _cta_barrier()
-        fence_async_shared()
-        s_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), no_scores,
-                               use_acc=False, is_async=True)
-        pv = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_smem.index(j % STAGES), acc, is_async=True)
-        refill = (j + STAGES - 1) % STAGES
-        _gather_tile(k_smem.index(refill), v_smem.index(refill), k_ptr, v_ptr, pages_next, j + STAGES - 1, hi,
-                     keys, dims, kv_head, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
-                     BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
-        pages_next = _tile_pages(block_table, j + STAGES, hi, keys, BLOCK_N, BLOCK_SIZE)
-        s = warpgroup_mma_wait(1, deps=[s_next])  # MMAs finish in order: S_{j+1} is done, P_j @ V_j may not be
-        p, m, row_sum, alpha = _softmax_tile(s, j + 1, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N)
-        acc = warpgroup_mma_wait(0, deps=[pv]) * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    p, m, row_sum, _ = _softmax_tile(s, 0, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, True)
+    # Every MMA is waited for within the iteration that issued it (see the module docstring). Tiles
+    # below full_tiles are visible to every row of the program and go unmasked; the rest, at the
+    # diagonal, are masked.
+    full_tiles = (first_pos + 1) // BLOCK_N
+    for j in range(0, full_tiles - 1):
+        p, acc, m, row_sum, pages_next = _pipelined_tile(
+            j, p, acc, m, row_sum, pages_next, q_smem, k_smem, v_smem, no_scores, q_pos, key_cols,
+            k_ptr, v_ptr, block_table, hi, keys, dims, kv_head, qk_scale,
+            stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+            BLOCK_N, BLOCK_SIZE, STAGES, SAME_KV_LAYOUT, False, p_l, o_l)
+    for j in range(gl.maximum(full_tiles - 1, 0), num_tiles - 1):
+        p, acc, m, row_sum, pages_next = _pipelined_tile(
+            j, p, acc, m, row_sum, pages_next, q_smem, k_smem, v_smem, no_scores, q_pos, key_cols,
+            k_ptr, v_ptr, block_table, hi, keys, dims, kv_head, qk_scale,
+            stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+            BLOCK_N, BLOCK_SIZE, STAGES, SAME_KV_LAYOUT, True, p_l, o_l)
     last = num_tiles - 1
     async_copy.wait_group(0)  # the ring's last copies, before the program exits
     _cta_barrier()
