@@ -65,6 +65,9 @@ class PrefillConfig:
     # next; sm_90+, 16-bit caches, head_dim 64 or 128, 128-row tiles, 8 warps, at least 3 stages). It
     # masks diagonal tiles whole (block_n_diag does not apply) and takes no q_in_registers or maxnreg.
     gluon: bool = False
+    # With gluon: warps that gather K/V pages for the softmax warps (a warp-specialised partition
+    # signalling each ring stage on an mbarrier); 0 has the softmax warps gather too.
+    gather_warps: int = 0
 
     def shared_bytes(self, head_dim: int, itemsize: int) -> int:
         """Shared memory of the tiles: Q plus num_stages K and V tiles in flight."""

@@ -38,6 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
+    mbarrier,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -55,6 +56,8 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 # programs fit an SM with 64-key tiles (112 KB of shared memory and up to 255 registers a thread
 # each), so one program's softmax can run while the other's MMAs do, with no barrier tying them.
 SHAPES = ((64, 4), (128, 8))
+GATHER_WARPS = (0, 2, 4)  # warps of the gathering partition (0: none, the softmax warps gather)
+GATHER_REGS = 48  # registers a gathering thread keeps (setmaxnreg); the softmax warps get the rest
 
 
 @gluon.jit
@@ -255,6 +258,163 @@ def _prefill_kernel(
     gl.store(out_ptr + o_off[:, None] + o_dims[None, :], result.to(out_ptr.dtype.element_ty), mask=keep[:, None])
 
 
+# ---- Warp-specialised variant (`PrefillConfig(gluon=True, gather_warps=N)`) -------------------------
+# The 8 softmax warps issue only MMAs and the softmax; N more warps gather K/V pages (and Q) with
+# cp.async into the ring and signal each stage on an mbarrier (`ready`, one arrival per gathering
+# thread when its copies land); the softmax warps hand a stage back on another (`empty`, one arrival)
+# once both MMAs that read it are done. No CTA-wide barrier in the loop.
+
+
+@gluon.jit
+def _ws_gather(q_ptr, k_ptr, v_ptr, block_table, q_smem, k_smem, v_smem, bars, q_begin, q_len, tile_token,
+               kv_head, hi, num_tiles, stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h,
+               stride_v_b, stride_v_t, stride_v_h,
+               GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SAME_KV_LAYOUT: gl.constexpr,
+               GATHER_WARPS: gl.constexpr):
+    """The gathering partition: Q once, then key tile t into ring stage t % STAGES as soon as the
+    softmax warps have released that stage's previous tile."""
+    copy_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [GATHER_WARPS, 1],
+                                            [1, 0])
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_l))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_l))
+    token = gl.minimum(tile_token + rows // GROUP_PAD, q_len - 1)
+    head = kv_head * GROUP + gl.minimum(rows % GROUP_PAD, GROUP - 1)
+    q_rows = (q_begin + token).to(gl.int64) * stride_q_t + head * stride_q_h
+    _gather_to_shared(q_smem, q_ptr + q_rows[:, None] + dims[None, :])
+    async_copy.mbarrier_arrive(bars.index(2 * STAGES), increment_count=False)
+    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, copy_l))
+    for t in range(num_tiles):
+        stage = t % STAGES
+        # Round r of a stage waits for the release of round r - 1's tile (phase (r - 1) & 1).
+        mbarrier.wait(bars.index(STAGES + stage), (t // STAGES + 1) & 1, pred=t >= STAGES)
+        pages = _tile_pages(block_table, t, hi, keys, BLOCK_N, BLOCK_SIZE)
+        k_rows = _row_offsets(pages, t, hi, keys, kv_head, stride_k_b, stride_k_t, stride_k_h, BLOCK_N, BLOCK_SIZE)
+        if SAME_KV_LAYOUT:
+            v_rows = k_rows
+        else:
+            v_rows = _row_offsets(pages, t, hi, keys, kv_head, stride_v_b, stride_v_t, stride_v_h, BLOCK_N,
+                                  BLOCK_SIZE)
+        _gather_to_shared(k_smem.index(stage), k_ptr + k_rows[:, None] + dims[None, :])
+        _gather_to_shared(v_smem.index(stage), v_ptr + v_rows[:, None] + dims[None, :])
+        async_copy.mbarrier_arrive(bars.index(stage), increment_count=False)
+
+
+@gluon.jit
+def _ws_tile(j, p, acc, m, row_sum, q_smem, k_smem, v_smem, bars, no_scores, q_pos, qk_scale,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr, s_l: gl.constexpr,
+             p_l: gl.constexpr, o_l: gl.constexpr):
+    """`_pipelined_tile` for the softmax partition: tile j+1 is waited for on its stage's mbarrier,
+    and tile j's stage is released once P_j @ V_j is done."""
+    next_stage = (j + 1) % STAGES
+    mbarrier.wait(bars.index(next_stage), ((j + 1) // STAGES) & 1)
+    fence_async_shared()
+    s_next = warpgroup_mma(q_smem, k_smem.index(next_stage).permute((1, 0)), no_scores, use_acc=False,
+                           is_async=True)
+    pv = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_l), v_smem.index(j % STAGES), acc, is_async=True)
+    s = warpgroup_mma_wait(1, deps=[s_next])
+    key_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+    p, m, row_sum, alpha = _softmax_tile(s, j + 1, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, MASK)
+    acc = warpgroup_mma_wait(0, deps=[pv]) * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    mbarrier.arrive(bars.index(STAGES + j % STAGES))
+    return p, acc, m, row_sum
+
+
+@gluon.jit
+def _ws_softmax(q_smem, k_smem, v_smem, bars, out_ptr, q_begin, q_len, tile_token, kv_head, context_len,
+                first_pos, num_tiles, qk_scale, stride_o_t, stride_o_h,
+                GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The softmax partition (the kernel's own warps): the loop of `_prefill_kernel` without copies."""
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, HEAD_DIM, 16])
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    q_pos = context_len - q_len + tile_token + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l)) // GROUP_PAD
+    m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
+    row_sum = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_l))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_l)
+    no_scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_l)
+
+    mbarrier.wait(bars.index(2 * STAGES), 0)  # Q
+    mbarrier.wait(bars.index(0), 0)  # tile 0
+    fence_async_shared()
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), no_scores, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s])
+    key_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+    p, m, row_sum, _ = _softmax_tile(s, 0, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, True)
+    full_tiles = (first_pos + 1) // BLOCK_N
+    for j in range(0, full_tiles - 1):
+        p, acc, m, row_sum = _ws_tile(j, p, acc, m, row_sum, q_smem, k_smem, v_smem, bars, no_scores, q_pos,
+                                      qk_scale, BLOCK_N, STAGES, False, s_l, p_l, o_l)
+    for j in range(gl.maximum(full_tiles - 1, 0), num_tiles - 1):
+        p, acc, m, row_sum = _ws_tile(j, p, acc, m, row_sum, q_smem, k_smem, v_smem, bars, no_scores, q_pos,
+                                      qk_scale, BLOCK_N, STAGES, True, s_l, p_l, o_l)
+    pv = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_l), v_smem.index((num_tiles - 1) % STAGES), acc,
+                       is_async=True)
+    out = warpgroup_mma_wait(0, deps=[pv])
+
+    o_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
+    o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+    o_token = tile_token + o_rows // GROUP_PAD
+    keep = (o_token < q_len) & (o_rows % GROUP_PAD < GROUP)
+    o_off = (q_begin + o_token).to(gl.int64) * stride_o_t + (kv_head * GROUP + o_rows % GROUP_PAD) * stride_o_h
+    result = out / gl.convert_layout(row_sum, gl.SliceLayout(1, o_l))[:, None]
+    gl.store(out_ptr + o_off[:, None] + o_dims[None, :], result.to(out_ptr.dtype.element_ty), mask=keep[:, None])
+
+
+@gluon.jit(do_not_specialize=["num_seqs"])
+def _prefill_kernel_ws(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
+    qk_scale, num_seqs,
+    stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+    stride_bt_s, stride_o_t, stride_o_h,
+    GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SEQS_POW2: gl.constexpr,
+    SAME_KV_LAYOUT: gl.constexpr, NUM_WARPS: gl.constexpr, GATHER_WARPS: gl.constexpr, GATHER_REGS: gl.constexpr,
+):
+    TOKENS: gl.constexpr = BLOCK_M // GROUP_PAD
+    dtype: gl.constexpr = k_ptr.dtype.element_ty
+    kv_head = gl.program_id(0)
+    seq, tile = _tile_owner(query_start_loc_ptr, num_seqs, gl.num_programs(1) - 1 - gl.program_id(1), TOKENS,
+                            SEQS_POW2, NUM_WARPS)
+    if seq >= num_seqs:
+        return
+    q_begin = gl.load(query_start_loc_ptr + seq)
+    q_len = gl.load(query_start_loc_ptr + seq + 1) - q_begin
+    context_len = gl.load(context_lens_ptr + seq)
+    tile_token = tile * TOKENS
+    first_pos = context_len - q_len + tile_token
+    hi = gl.minimum(first_pos + TOKENS, context_len)
+    num_tiles = (hi + BLOCK_N - 1) // BLOCK_N
+    block_table = block_tables_ptr + seq.to(gl.int64) * stride_bt_s
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype))
+    kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+    # Barriers: ready[0..STAGES-1], empty[STAGES..2*STAGES-1], then Q's.
+    bars = gl.allocate_shared_memory(gl.int64, [2 * STAGES + 1, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=GATHER_WARPS * 32)
+        mbarrier.init(bars.index(STAGES + i), count=1)
+    mbarrier.init(bars.index(2 * STAGES), count=GATHER_WARPS * 32)
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_ws_softmax, (q_smem, k_smem, v_smem, bars, out_ptr, q_begin, q_len, tile_token, kv_head, context_len,
+                       first_pos, num_tiles, qk_scale, stride_o_t, stride_o_h,
+                       GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_WARPS)),
+        (_ws_gather, (q_ptr, k_ptr, v_ptr, block_table, q_smem, k_smem, v_smem, bars, q_begin, q_len, tile_token,
+                      kv_head, hi, num_tiles, stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h,
+                      stride_v_b, stride_v_t, stride_v_h,
+                      GROUP, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, STAGES, SAME_KV_LAYOUT,
+                      GATHER_WARPS)),
+    ], [GATHER_WARPS], [GATHER_REGS])
+
+
 def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group_pad: int,
                               config: PrefillConfig) -> str | None:
     """Why this kernel cannot run `config` on these tensors, or None: 128-row tiles, 8 warps and at
@@ -263,9 +423,9 @@ def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     that cp.async can move 16 bytes at a time (contiguous head_dim, strides and base addresses in
     16-byte units)."""
     if ((config.block_m, config.num_warps) not in SHAPES or config.num_stages < 3 or config.q_in_registers
-            or config.maxnreg):
-        return (f"needs (block_m, num_warps) in {SHAPES} and at least 3 stages, without q_in_registers or "
-                f"maxnreg, got {config}")
+            or config.maxnreg or config.gather_warps not in GATHER_WARPS):
+        return (f"needs (block_m, num_warps) in {SHAPES}, at least 3 stages and gather_warps in {GATHER_WARPS}, "
+                f"without q_in_registers or maxnreg, got {config}")
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (9, 0):
         return "needs a CUDA device of compute capability 9.0 or later"
     if k_cache.dtype not in (torch.float16, torch.bfloat16) or q.dtype != k_cache.dtype:
@@ -290,11 +450,15 @@ def paged_prefill_gluon(
     why = gluon_prefill_unsupported(q, k_cache, v_cache, group_pad, config)
     if why:
         raise ValueError(f"paged_prefill with PrefillConfig(gluon=True) {why}")
-    _prefill_kernel[(k_cache.shape[2], tiles)](
+    kernel, extra = _prefill_kernel, {}
+    if config.gather_warps:
+        kernel, extra = _prefill_kernel_ws, {"GATHER_WARPS": config.gather_warps, "GATHER_REGS": GATHER_REGS}
+    kernel[(k_cache.shape[2], tiles)](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, qk_scale, query_start_loc.shape[0] - 1,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=q.shape[-1], BLOCK_SIZE=k_cache.shape[1], BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, STAGES=config.num_stages, SEQS_POW2=seqs_pow2,
         SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(), NUM_WARPS=config.num_warps, num_warps=config.num_warps,
+        **extra,
     )

@@ -5,7 +5,7 @@ against SDPA's ('!' marks one off by more than the sweep's tolerance; it is neve
 throughput x SDPA per config and shape, and the best correct config per shape. For a per-shape
 default: the sweep's unpaired times drift by more than the differences between configs.
 
-    python3 scripts/probe_prefill_configs.py [--reps 5]
+    python3 scripts/probe_prefill_configs.py [--reps 5] [--match g4]
 """
 
 import argparse
@@ -29,9 +29,11 @@ from streampage.bench.kernels import (
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--match", default="", help="only configs whose label contains this (and the default)")
     args = parser.parse_args()
     timer = Timer(args.reps)
-    candidates = prefill_candidates()
+    every = prefill_candidates()
+    candidates = [cfg for i, cfg in enumerate(every) if i == 0 or args.match in config_name(cfg)]
     shapes = [(tokens, seqs) for tokens in PREFILL_TOKENS for seqs in (1, PREFILL_BATCH)]
     found: dict[tuple[str, int, int], float] = {}
     wrong: set[tuple[str, int, int]] = set()

@@ -1,8 +1,9 @@
-"""PTX for sm_90 of the decode path's Triton kernels, with and without PDL, and of the prefill kernel:
+"""PTX for sm_90 of the decode path's Triton kernels, with and without PDL, and of the prefill kernels:
 run as a script (in a process without TRITON_INTERPRET, which replaces @triton.jit functions by
-interpreted ones), it prints {"kernel/pdl": [griddepcontrol.wait count, griddepcontrol.launch_dependents
-count], "prefill": [wgmma instruction count], "prefill-gluon/{128,64}": [wgmma count,
-wgmma.wait_group count, 16-byte cp.async count, ptxas notes of serialised wgmma], "sampler/FAST_LOG2": [lg2.approx count, PTX lines]} as JSON.
+interpreted ones), it prints as JSON {"kernel/pdl": [griddepcontrol.wait count,
+griddepcontrol.launch_dependents count], "prefill": [wgmma instruction count],
+"prefill-gluon/{128,64,ws}": [wgmma count, wgmma.wait_group count, 16-byte cp.async count, ptxas
+notes of serialised wgmma], "sampler/FAST_LOG2": [lg2.approx count, PTX lines]}.
 tests/test_sm90_compile.py runs it."""
 
 from __future__ import annotations
@@ -99,11 +100,16 @@ def main() -> None:
             counts[f"{name}/{pdl}"] = [code.count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]
     code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, PREFILL_CONSTS, num_warps=8, num_stages=3)
     counts["prefill"] = [code.count("wgmma.mma_async")]
-    for block_m, warps, block_n in ((128, 8, 128), (64, 4, 64)):  # two warpgroups; one (two programs an SM)
+    # two warpgroups; one (two programs an SM); two warpgroups fed by four gathering warps
+    for name, block_m, warps, block_n in (("128", 128, 8, 128), ("64", 64, 4, 64), ("ws", 128, 8, 64)):
         consts = {**GLUON_PREFILL_CONSTS, "BLOCK_M": block_m, "NUM_WARPS": warps, "BLOCK_N": block_n}
-        code = ptx(paged_prefill_gluon._prefill_kernel, PREFILL_ARGS, consts, gluon=True, num_warps=warps)
+        kernel = paged_prefill_gluon._prefill_kernel
+        if name == "ws":
+            kernel = paged_prefill_gluon._prefill_kernel_ws
+            consts.update(STAGES=4, GATHER_WARPS=4, GATHER_REGS=paged_prefill_gluon.GATHER_REGS)
+        code = ptx(kernel, PREFILL_ARGS, consts, gluon=True, num_warps=warps)
         copies = [line for line in code.splitlines() if "cp.async.cg.shared.global" in line]
-        counts[f"prefill-gluon/{block_m}"] = [code.count("wgmma.mma_async"), code.count("wgmma.wait_group"),
+        counts[f"prefill-gluon/{name}"] = [code.count("wgmma.mma_async"), code.count("wgmma.wait_group"),
                                               sum(line.rstrip(";").endswith("0x10, 0x10") for line in copies),
                                               serialised_mma_notes(code)]
     for fast in (False, True):

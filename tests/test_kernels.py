@@ -328,9 +328,10 @@ def test_gluon_prefill_refuses_what_it_cannot_run_and_names_why() -> None:
     with pytest.raises(ValueError, match=r"gluon=True.*compute capability 9\.0"):
         run_prefill(batch, config=PrefillConfig(128, 128, 8, 3, gluon=True))
     refused = (PrefillConfig(64, 64, 8, 3, gluon=True), PrefillConfig(128, 64, 8, 3, maxnreg=128, gluon=True),
-               PrefillConfig(128, 128, 8, 2, gluon=True), PrefillConfig(64, 64, 4, 3, q_in_registers=True, gluon=True))
+               PrefillConfig(128, 128, 8, 2, gluon=True), PrefillConfig(64, 64, 4, 3, q_in_registers=True, gluon=True),
+               PrefillConfig(128, 64, 8, 4, gluon=True, gather_warps=3))
     for config in refused:
-        with pytest.raises(ValueError, match=r"needs \(block_m, num_warps\) in \(\(64, 4\), \(128, 8\)\) and at le"):
+        with pytest.raises(ValueError, match=r"needs \(block_m, num_warps\) in \(\(64, 4\), \(128, 8\)\), at least"):
             run_prefill(batch, config=config)
     if not torch.cuda.is_available():
         return

@@ -56,9 +56,9 @@ def test_sampler_takes_its_noise_logs_from_the_special_function_unit_on_the_gpu(
 def test_gluon_prefill_compiles_for_hopper_with_its_mmas_in_flight(counts):
     """The Gluon prefill (kernels/paged_prefill_gluon.py) lowers with this Triton: warpgroup MMAs
     that it waits for explicitly (inside the loop with one still in flight, and once after it), and
-    K/V pages gathered by 16-byte cp.async), with 128-row tiles on two warpgroups and with 64-row
-    tiles on one."""
-    for rows in (128, 64):
+    K/V pages gathered by 16-byte cp.async), with 128-row tiles on two warpgroups, with 64-row tiles
+    on one, and warp-specialised (the gathers in warps of their own)."""
+    for rows in ("128", "64", "ws"):
         wgmma, waits, copies, serialised = counts[f"prefill-gluon/{rows}"]
         assert wgmma > 0 and waits >= 2 and copies > 0, rows
         # ptxas keeps the MMAs asynchronous: none is waited for as it is issued (an MMA in flight

@@ -491,7 +491,8 @@ def prefill_candidates() -> list[PrefillConfig]:
     tiles of 128 or 64 keys, two warpgroups, in Triton or in Gluon (the softmax of one tile overlapping
     the MMA of the next). Two programs per SM (one's softmax overlapping the other's MMAs): 64 x 64
     tiles with one warpgroup (in Triton, or in Gluon with its own overlap too), or 128-row tiles with
-    two warpgroups capped at 128 registers a thread."""
+    two warpgroups capped at 128 registers a thread. Warp-specialised Gluon: 128 x 64 tiles whose K/V
+    four more warps gather, four and six stages deep."""
     from streampage.kernels import PrefillConfig
 
     return [
@@ -499,6 +500,8 @@ def prefill_candidates() -> list[PrefillConfig]:
         PrefillConfig(128, 128, 8, 3, gluon=True),
         PrefillConfig(128, 64, 8, 4, gluon=True),
         PrefillConfig(64, 64, 4, 3, gluon=True),
+        PrefillConfig(128, 64, 8, 4, gluon=True, gather_warps=4),
+        PrefillConfig(128, 64, 8, 6, gluon=True, gather_warps=4),
         PrefillConfig(128, 128, 8, 3, block_n_diag=128),
         PrefillConfig(128, 128, 8, 2),
         PrefillConfig(128, 64, 8, 3),
@@ -515,11 +518,12 @@ def prefill_candidates() -> list[PrefillConfig]:
 
 def config_name(cfg: PrefillConfig) -> str:
     """Compact label of a PrefillConfig: '128x128 w8 s3', then ' d64' (diagonal tiles narrower than
-    block_n), ' qreg', ' r128' and ' gluon' where they apply."""
+    block_n), ' qreg', ' r128', ' g4' (gathering warps) and ' gluon' where they apply."""
     name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
     if cfg.block_n_diag < cfg.block_n and not cfg.gluon:  # the Gluon kernel masks whole tiles
         name += f" d{cfg.block_n_diag}"
     return (name + (" qreg" if cfg.q_in_registers else "") + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
+            + (f" g{cfg.gather_warps}" if cfg.gather_warps else "")
             + (" gluon" if cfg.gluon else ""))
 
 
