@@ -58,6 +58,7 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 SHAPES = ((64, 4), (128, 8))
 GATHER_WARPS = (0, 2, 4)  # warps of the gathering partition (0: none, the softmax warps gather)
 GATHER_REGS = 48  # registers a gathering thread keeps (setmaxnreg); the softmax warps get the rest
+SOFTMAX_REGS = 232  # registers of the second softmax warpgroup (a worker partition)
 
 
 @gluon.jit
@@ -321,17 +322,20 @@ def _ws_tile(j, p, acc, m, row_sum, q_smem, k_smem, v_smem, bars, no_scores, q_p
 
 
 @gluon.jit
-def _ws_softmax(q_smem, k_smem, v_smem, bars, out_ptr, q_begin, q_len, tile_token, kv_head, context_len,
+def _ws_softmax(q_all, k_smem, v_smem, bars, out_ptr, q_begin, q_len, tile_token, kv_head, context_len,
                 first_pos, num_tiles, qk_scale, stride_o_t, stride_o_h,
-                GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """The softmax partition (the kernel's own warps): the loop of `_prefill_kernel` without copies."""
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                  instr_shape=[16, BLOCK_N, 16])
-    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                  instr_shape=[16, HEAD_DIM, 16])
+                GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, ROW0: gl.constexpr):
+    """A softmax partition: one warpgroup, the tile's 64 rows from ROW0, the loop of `_prefill_kernel`
+    without copies. The two warpgroups run as partitions of their own, tied by no barrier, so one's
+    softmax can run while the other's MMAs do."""
+    BLOCK_M: gl.constexpr = 64
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-    q_pos = context_len - q_len + tile_token + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l)) // GROUP_PAD
+    q_smem = q_all.slice(ROW0, BLOCK_M)
+    rows = ROW0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l))
+    q_pos = context_len - q_len + tile_token + rows // GROUP_PAD
     m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
     row_sum = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_l))
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_l)
@@ -355,7 +359,7 @@ def _ws_softmax(q_smem, k_smem, v_smem, bars, out_ptr, q_begin, q_len, tile_toke
                        is_async=True)
     out = warpgroup_mma_wait(0, deps=[pv])
 
-    o_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
+    o_rows = ROW0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
     o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
     o_token = tile_token + o_rows // GROUP_PAD
     keep = (o_token < q_len) & (o_rows % GROUP_PAD < GROUP)
@@ -373,6 +377,7 @@ def _prefill_kernel_ws(
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SEQS_POW2: gl.constexpr,
     SAME_KV_LAYOUT: gl.constexpr, NUM_WARPS: gl.constexpr, GATHER_WARPS: gl.constexpr, GATHER_REGS: gl.constexpr,
+    SOFTMAX_REGS: gl.constexpr,
 ):
     TOKENS: gl.constexpr = BLOCK_M // GROUP_PAD
     dtype: gl.constexpr = k_ptr.dtype.element_ty
@@ -399,20 +404,23 @@ def _prefill_kernel_ws(
     bars = gl.allocate_shared_memory(gl.int64, [2 * STAGES + 1, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=GATHER_WARPS * 32)
-        mbarrier.init(bars.index(STAGES + i), count=1)
+        mbarrier.init(bars.index(STAGES + i), count=2)  # one arrival per softmax warpgroup
     mbarrier.init(bars.index(2 * STAGES), count=GATHER_WARPS * 32)
     fence_async_shared()
 
     gl.warp_specialize([
         (_ws_softmax, (q_smem, k_smem, v_smem, bars, out_ptr, q_begin, q_len, tile_token, kv_head, context_len,
-                       first_pos, num_tiles, qk_scale, stride_o_t, stride_o_h,
-                       GROUP, GROUP_PAD, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, NUM_WARPS)),
+                       first_pos, num_tiles, qk_scale, stride_o_t, stride_o_h, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_N,
+                       STAGES, 0)),
+        (_ws_softmax, (q_smem, k_smem, v_smem, bars, out_ptr, q_begin, q_len, tile_token, kv_head, context_len,
+                       first_pos, num_tiles, qk_scale, stride_o_t, stride_o_h, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_N,
+                       STAGES, 64)),
         (_ws_gather, (q_ptr, k_ptr, v_ptr, block_table, q_smem, k_smem, v_smem, bars, q_begin, q_len, tile_token,
                       kv_head, hi, num_tiles, stride_q_t, stride_q_h, stride_k_b, stride_k_t, stride_k_h,
                       stride_v_b, stride_v_t, stride_v_h,
                       GROUP, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, STAGES, SAME_KV_LAYOUT,
                       GATHER_WARPS)),
-    ], [GATHER_WARPS], [GATHER_REGS])
+    ], [4, GATHER_WARPS], [SOFTMAX_REGS, GATHER_REGS])
 
 
 def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group_pad: int,
@@ -450,15 +458,15 @@ def paged_prefill_gluon(
     why = gluon_prefill_unsupported(q, k_cache, v_cache, group_pad, config)
     if why:
         raise ValueError(f"paged_prefill with PrefillConfig(gluon=True) {why}")
-    kernel, extra = _prefill_kernel, {}
-    if config.gather_warps:
-        kernel, extra = _prefill_kernel_ws, {"GATHER_WARPS": config.gather_warps, "GATHER_REGS": GATHER_REGS}
+    kernel, extra, warps = _prefill_kernel, {}, config.num_warps
+    if config.gather_warps:  # the launch's own warps are the first softmax warpgroup
+        kernel, warps = _prefill_kernel_ws, 4
+        extra = {"GATHER_WARPS": config.gather_warps, "GATHER_REGS": GATHER_REGS, "SOFTMAX_REGS": SOFTMAX_REGS}
     kernel[(k_cache.shape[2], tiles)](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, qk_scale, query_start_loc.shape[0] - 1,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=q.shape[-1], BLOCK_SIZE=k_cache.shape[1], BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, STAGES=config.num_stages, SEQS_POW2=seqs_pow2,
-        SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(), NUM_WARPS=config.num_warps, num_warps=config.num_warps,
-        **extra,
+        SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(), NUM_WARPS=warps, num_warps=warps, **extra,
     )

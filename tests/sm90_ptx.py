@@ -101,12 +101,13 @@ def main() -> None:
     code = ptx(paged_attention._prefill_kernel, PREFILL_ARGS, PREFILL_CONSTS, num_warps=8, num_stages=3)
     counts["prefill"] = [code.count("wgmma.mma_async")]
     # two warpgroups; one (two programs an SM); two warpgroups fed by four gathering warps
-    for name, block_m, warps, block_n in (("128", 128, 8, 128), ("64", 64, 4, 64), ("ws", 128, 8, 64)):
+    for name, block_m, warps, block_n in (("128", 128, 8, 128), ("64", 64, 4, 64), ("ws", 128, 4, 64)):
         consts = {**GLUON_PREFILL_CONSTS, "BLOCK_M": block_m, "NUM_WARPS": warps, "BLOCK_N": block_n}
         kernel = paged_prefill_gluon._prefill_kernel
         if name == "ws":
             kernel = paged_prefill_gluon._prefill_kernel_ws
-            consts.update(STAGES=4, GATHER_WARPS=4, GATHER_REGS=paged_prefill_gluon.GATHER_REGS)
+            consts.update(STAGES=4, GATHER_WARPS=4, GATHER_REGS=paged_prefill_gluon.GATHER_REGS,
+                          SOFTMAX_REGS=paged_prefill_gluon.SOFTMAX_REGS)
         code = ptx(kernel, PREFILL_ARGS, consts, gluon=True, num_warps=warps)
         copies = [line for line in code.splitlines() if "cp.async.cg.shared.global" in line]
         counts[f"prefill-gluon/{name}"] = [code.count("wgmma.mma_async"), code.count("wgmma.wait_group"),
