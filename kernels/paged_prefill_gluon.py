@@ -43,7 +43,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-if TYPE_CHECKING:  # paged_attention imports this module lazily, at the first Gluon launch
+from .paged_attention import is_hopper
+
+if TYPE_CHECKING:
     from .paged_attention import PrefillConfig
 
 # Names that moved between Triton 3.6 and 3.9: cp.async from a pointer tensor into shared memory
@@ -434,8 +436,8 @@ def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             or config.maxnreg or config.gather_warps not in GATHER_WARPS):
         return (f"needs (block_m, num_warps) in {SHAPES}, at least 3 stages and gather_warps in {GATHER_WARPS}, "
                 f"without q_in_registers or maxnreg, got {config}")
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (9, 0):
-        return "needs a CUDA device of compute capability 9.0 or later"
+    if not is_hopper(q.device):
+        return "needs a Hopper GPU (compute capability 9.x)"
     if k_cache.dtype not in (torch.float16, torch.bfloat16) or q.dtype != k_cache.dtype:
         return f"needs q and the caches in one 16-bit float dtype, got {q.dtype} and {k_cache.dtype}"
     if q.shape[-1] not in (64, 128):
