@@ -61,12 +61,14 @@ class PrefillConfig:
     # Cap on registers per thread. 128 lets two 8-warp programs share an SM, so one's softmax runs
     # while the other's MMAs do (Triton cannot overlap the two inside one program).
     maxnreg: int | None = None
-    # The Gluon kernel (`paged_prefill_gluon.py`: the softmax of one key tile overlaps the MMA of the
-    # next; sm_90+, 16-bit caches, head_dim 64 or 128, 128-row tiles, 8 warps, at least 3 stages). It
-    # masks diagonal tiles whole (block_n_diag does not apply) and takes no q_in_registers or maxnreg.
+    # The Gluon kernel (`paged_prefill_gluon.py`: the softmax of one key tile under the P @ V MMA of
+    # the one before; Hopper GPUs, 16-bit caches, head_dim 64 or 128, 128 rows on 8 warps or 64 on 4,
+    # at least 3 stages). It masks diagonal tiles whole (block_n_diag does not apply) and takes no
+    # q_in_registers or maxnreg.
     gluon: bool = False
-    # With gluon: warps that gather K/V pages for the softmax warps (a warp-specialised partition
-    # signalling each ring stage on an mbarrier); 0 has the softmax warps gather too.
+    # With gluon and 128 rows on 8 warps: warps that gather K/V pages for the two softmax warpgroups
+    # (a warp-specialised partition signalling each ring stage on an mbarrier); 0: the softmax warps
+    # gather too.
     gather_warps: int = 0
 
     def shared_bytes(self, head_dim: int, itemsize: int) -> int:

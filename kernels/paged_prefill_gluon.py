@@ -20,9 +20,9 @@ are issued. Q stays in shared memory for every MMA.
 
 Same contract as the Triton kernel (grid from tensor shapes only, tiles numbered across the batch
 from the end, query rows = tokens x the group's heads), for 16-bit caches with head_dim 64 or 128 on
-sm_90 and later: 64-row programs of one warpgroup or 128-row programs of two. Rows past a chunk read
-a valid row and are never stored; keys past the last position read the last key and are masked out,
-so no copy depends on zero-filling.
+Hopper GPUs: 64-row programs of one warpgroup or 128-row programs of two. Rows past a chunk read a
+valid row and are never stored; keys past the last position read the last key and are masked out,
+so no copy depends on zero-filling. `_prefill_kernel_ws` (below) is the warp-specialised form.
 
 Gluon is experimental and its API moves between Triton releases: `_gather_to_shared` and `_cta_barrier`
 absorb the renames between Triton 3.6 (the H200's) and 3.9 (CI's); tests/sm90_ptx.py compiles the kernel.
@@ -58,7 +58,7 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 # programs fit an SM with 64-key tiles (112 KB of shared memory and up to 255 registers a thread
 # each), so one program's softmax can run while the other's MMAs do, with no barrier tying them.
 SHAPES = ((64, 4), (128, 8))
-GATHER_WARPS = (0, 2, 4)  # warps of the gathering partition (0: none, the softmax warps gather)
+GATHER_WARPS = (0, 4)  # warps of the gathering partition (0: none, the softmax warps gather)
 GATHER_REGS = 48  # registers a gathering thread keeps (setmaxnreg); the softmax warps get the rest
 SOFTMAX_REGS = 232  # registers of the second softmax warpgroup (a worker partition)
 
@@ -427,15 +427,17 @@ def _prefill_kernel_ws(
 
 def gluon_prefill_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group_pad: int,
                               config: PrefillConfig) -> str | None:
-    """Why this kernel cannot run `config` on these tensors, or None: 128-row tiles, 8 warps and at
-    least 3 stages (two key tiles in flight) without q_in_registers or maxnreg; a CUDA device of sm_90
-    or later; q and the caches in one 16-bit dtype; head_dim 64 or 128; a group that fits a tile; rows
-    that cp.async can move 16 bytes at a time (contiguous head_dim, strides and base addresses in
-    16-byte units)."""
+    """Why this kernel cannot run `config` on these tensors, or None: (128 rows, 8 warps) or (64 rows,
+    4 warps), at least 3 stages (two key tiles in flight), gathering warps only with 128 rows, no
+    q_in_registers or maxnreg; a Hopper GPU; q and the caches in one 16-bit dtype; head_dim 64 or
+    128; a group that fits a tile; rows that cp.async can move 16 bytes at a time (contiguous
+    head_dim, strides and base addresses in 16-byte units)."""
     if ((config.block_m, config.num_warps) not in SHAPES or config.num_stages < 3 or config.q_in_registers
             or config.maxnreg or config.gather_warps not in GATHER_WARPS):
         return (f"needs (block_m, num_warps) in {SHAPES}, at least 3 stages and gather_warps in {GATHER_WARPS}, "
                 f"without q_in_registers or maxnreg, got {config}")
+    if config.gather_warps and config.block_m != 128:
+        return f"gathers with its own warps only for 128 rows (two softmax warpgroups), got {config}"
     if not is_hopper(q.device):
         return "needs a Hopper GPU (compute capability 9.x)"
     if k_cache.dtype not in (torch.float16, torch.bfloat16) or q.dtype != k_cache.dtype:

@@ -329,10 +329,12 @@ def test_gluon_prefill_refuses_what_it_cannot_run_and_names_why() -> None:
         run_prefill(batch, config=PrefillConfig(128, 128, 8, 3, gluon=True))
     refused = (PrefillConfig(64, 64, 8, 3, gluon=True), PrefillConfig(128, 64, 8, 3, maxnreg=128, gluon=True),
                PrefillConfig(128, 128, 8, 2, gluon=True), PrefillConfig(64, 64, 4, 3, q_in_registers=True, gluon=True),
-               PrefillConfig(128, 64, 8, 4, gluon=True, gather_warps=3))
+               PrefillConfig(128, 64, 8, 4, gluon=True, gather_warps=2))
     for config in refused:
         with pytest.raises(ValueError, match=r"needs \(block_m, num_warps\) in \(\(64, 4\), \(128, 8\)\), at least"):
             run_prefill(batch, config=config)
+    with pytest.raises(ValueError, match="gathers with its own warps only for 128 rows"):
+        run_prefill(batch, config=PrefillConfig(64, 64, 4, 3, gluon=True, gather_warps=4))
     if not torch.cuda.is_available():
         return
     cuda = build_batch([40], [40], q_heads=8, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float16,
