@@ -116,6 +116,48 @@ def _gather_tile(k_dst, v_dst, k_ptr, v_ptr, pages, tile, hi, keys, dims, kv_hea
 
 
 @gluon.jit
+def _chunk_tile(query_start_loc_ptr, context_lens_ptr, seq, tile, TOKENS: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Where a program's tile lies: (first query row of the chunk, chunk length, context length, the
+    tile's first token in the chunk, that token's position, keys 0..hi-1 visible to some row, key
+    tiles to read: at least 1, since a tile that exists holds a query)."""
+    q_begin = gl.load(query_start_loc_ptr + seq)
+    q_len = gl.load(query_start_loc_ptr + seq + 1) - q_begin
+    context_len = gl.load(context_lens_ptr + seq)
+    tile_token = tile * TOKENS
+    first_pos = context_len - q_len + tile_token  # the chunk holds the context's last q_len positions
+    hi = gl.minimum(first_pos + TOKENS, context_len)
+    return q_begin, q_len, context_len, tile_token, first_pos, hi, (hi + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
+def _gather_q(q_smem, q_ptr, q_begin, q_len, tile_token, kv_head, stride_q_t, stride_q_h, GROUP: gl.constexpr,
+              GROUP_PAD: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, copy_l: gl.constexpr):
+    """Start the copy of the tile's Q rows: row r is token tile_token + r // GROUP_PAD, head
+    kv_head * GROUP + r % GROUP_PAD; padding rows read the chunk's last token and the group's last
+    head (finite, never stored)."""
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_l))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_l))
+    token = gl.minimum(tile_token + rows // GROUP_PAD, q_len - 1)
+    head = kv_head * GROUP + gl.minimum(rows % GROUP_PAD, GROUP - 1)
+    q_rows = (q_begin + token).to(gl.int64) * stride_q_t + head * stride_q_h
+    _gather_to_shared(q_smem, q_ptr + q_rows[:, None] + dims[None, :])
+
+
+@gluon.jit
+def _store_rows(out, row_sum, out_ptr, q_begin, q_len, tile_token, kv_head, stride_o_t, stride_o_h,
+                GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, ROW0: gl.constexpr, BLOCK_M: gl.constexpr,
+                HEAD_DIM: gl.constexpr, o_l: gl.constexpr):
+    """Normalise and store the tile's rows ROW0..ROW0+BLOCK_M-1 that hold real (token, head) pairs."""
+    o_rows = ROW0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
+    o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+    o_token = tile_token + o_rows // GROUP_PAD
+    keep = (o_token < q_len) & (o_rows % GROUP_PAD < GROUP)
+    o_off = (q_begin + o_token).to(gl.int64) * stride_o_t + (kv_head * GROUP + o_rows % GROUP_PAD) * stride_o_h
+    result = out / gl.convert_layout(row_sum, gl.SliceLayout(1, o_l))[:, None]
+    gl.store(out_ptr + o_off[:, None] + o_dims[None, :], result.to(out_ptr.dtype.element_ty), mask=keep[:, None])
+
+
+@gluon.jit
 def _softmax_tile(s, j, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
     """Online-softmax step for the scores s of key tile j, keys past a row's position masked when MASK
     (tiles at the diagonal). Returns P (unnormalised), the new running max and sum, and alpha, the
@@ -126,6 +168,26 @@ def _softmax_tile(s, j, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N: gl.const
     p = gl.exp2(s * qk_scale - m_new[:, None])
     alpha = gl.exp2(m - m_new)
     return p, m_new, row_sum * alpha + gl.sum(p, axis=1), alpha
+
+
+@gluon.jit
+def _issue_tile_mmas(j, p, acc, q_smem, k_smem, v_smem, no_scores, STAGES: gl.constexpr, p_l: gl.constexpr):
+    """Issue S_{j+1} = Q K_{j+1}^T, then O + P_j @ V_j (MMAs finish in the order they are issued)."""
+    s_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), no_scores, use_acc=False,
+                           is_async=True)
+    pv = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_l), v_smem.index(j % STAGES), acc, is_async=True)
+    return s_next, pv
+
+
+@gluon.jit
+def _finish_tile(s_next, pv, j, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N: gl.constexpr, MASK: gl.constexpr,
+                 o_l: gl.constexpr):
+    """Wait for S_{j+1} alone and run its softmax while P_j @ V_j may still run; then wait for that
+    and rescale O. Returns P_{j+1}, O and the running max and sum."""
+    s = warpgroup_mma_wait(1, deps=[s_next])
+    p, m, row_sum, alpha = _softmax_tile(s, j + 1, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, MASK)
+    acc = warpgroup_mma_wait(0, deps=[pv]) * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    return p, acc, m, row_sum
 
 
 @gluon.jit
@@ -142,18 +204,13 @@ def _pipelined_tile(j, p, acc, m, row_sum, pages_next, q_smem, k_smem, v_smem, n
     async_copy.wait_group(STAGES - 3)
     _cta_barrier()
     fence_async_shared()
-    s_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), no_scores,
-                           use_acc=False, is_async=True)
-    pv = warpgroup_mma(gl.convert_layout(p.to(k_ptr.dtype.element_ty), p_l), v_smem.index(j % STAGES), acc,
-                       is_async=True)
+    s_next, pv = _issue_tile_mmas(j, p, acc, q_smem, k_smem, v_smem, no_scores, STAGES, p_l)
     refill = (j + STAGES - 1) % STAGES
     _gather_tile(k_smem.index(refill), v_smem.index(refill), k_ptr, v_ptr, pages_next, j + STAGES - 1, hi,
                  keys, dims, kv_head, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
                  BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
     pages_next = _tile_pages(block_table, j + STAGES, hi, keys, BLOCK_N, BLOCK_SIZE)
-    s = warpgroup_mma_wait(1, deps=[s_next])  # MMAs finish in order: S_{j+1} is done, P_j @ V_j may not be
-    p, m, row_sum, alpha = _softmax_tile(s, j + 1, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, MASK)
-    acc = warpgroup_mma_wait(0, deps=[pv]) * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    p, acc, m, row_sum = _finish_tile(s_next, pv, j, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, MASK, o_l)
     return p, acc, m, row_sum, pages_next
 
 
@@ -184,27 +241,17 @@ def _prefill_kernel(
                             SEQS_POW2, NUM_WARPS)
     if seq >= num_seqs:
         return
-    q_begin = gl.load(query_start_loc_ptr + seq)
-    q_len = gl.load(query_start_loc_ptr + seq + 1) - q_begin
-    context_len = gl.load(context_lens_ptr + seq)
-    tile_token = tile * TOKENS
-    first_pos = context_len - q_len + tile_token  # the chunk holds the context's last q_len positions
-    hi = gl.minimum(first_pos + TOKENS, context_len)  # keys 0..hi-1 are visible to some row
-    num_tiles = (hi + BLOCK_N - 1) // BLOCK_N  # at least 1: a tile that exists holds a query
+    q_begin, q_len, context_len, tile_token, first_pos, hi, num_tiles = _chunk_tile(
+        query_start_loc_ptr, context_lens_ptr, seq, tile, TOKENS, BLOCK_N)
     block_table = block_tables_ptr + seq.to(gl.int64) * stride_bt_s
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
 
-    # Q: row r is token tile_token + r // GROUP_PAD, head kv_head * GROUP + r % GROUP_PAD; padding
-    # rows read the chunk's last token and the group's last head (finite, never stored).
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_l))
+    _gather_q(q_smem, q_ptr, q_begin, q_len, tile_token, kv_head, stride_q_t, stride_q_h, GROUP, GROUP_PAD,
+              BLOCK_M, HEAD_DIM, copy_l)
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_l))
-    token = gl.minimum(tile_token + rows // GROUP_PAD, q_len - 1)
-    head = kv_head * GROUP + gl.minimum(rows % GROUP_PAD, GROUP - 1)
-    q_rows = (q_begin + token).to(gl.int64) * stride_q_t + head * stride_q_h
-    _gather_to_shared(q_smem, q_ptr + q_rows[:, None] + dims[None, :])
 
     # The ring: tiles 0..STAGES-2 in flight (Q in the first group), page numbers of the next ready.
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, copy_l))
@@ -251,14 +298,8 @@ def _prefill_kernel(
     fence_async_shared()
     pv = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_smem.index(last % STAGES), acc, is_async=True)
     out = warpgroup_mma_wait(0, deps=[pv])
-
-    o_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
-    o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
-    o_token = tile_token + o_rows // GROUP_PAD
-    keep = (o_token < q_len) & (o_rows % GROUP_PAD < GROUP)
-    o_off = (q_begin + o_token).to(gl.int64) * stride_o_t + (kv_head * GROUP + o_rows % GROUP_PAD) * stride_o_h
-    result = out / gl.convert_layout(row_sum, gl.SliceLayout(1, o_l))[:, None]
-    gl.store(out_ptr + o_off[:, None] + o_dims[None, :], result.to(out_ptr.dtype.element_ty), mask=keep[:, None])
+    _store_rows(out, row_sum, out_ptr, q_begin, q_len, tile_token, kv_head, stride_o_t, stride_o_h, GROUP, GROUP_PAD,
+                0, BLOCK_M, HEAD_DIM, o_l)
 
 
 # ---- Warp-specialised variant (`PrefillConfig(gluon=True, gather_warps=N)`) -------------------------
@@ -279,13 +320,10 @@ def _ws_gather(q_ptr, k_ptr, v_ptr, block_table, q_smem, k_smem, v_smem, bars, q
     softmax warps have released that stage's previous tile."""
     copy_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [GATHER_WARPS, 1],
                                             [1, 0])
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, copy_l))
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_l))
-    token = gl.minimum(tile_token + rows // GROUP_PAD, q_len - 1)
-    head = kv_head * GROUP + gl.minimum(rows % GROUP_PAD, GROUP - 1)
-    q_rows = (q_begin + token).to(gl.int64) * stride_q_t + head * stride_q_h
-    _gather_to_shared(q_smem, q_ptr + q_rows[:, None] + dims[None, :])
+    _gather_q(q_smem, q_ptr, q_begin, q_len, tile_token, kv_head, stride_q_t, stride_q_h, GROUP, GROUP_PAD,
+              BLOCK_M, HEAD_DIM, copy_l)
     async_copy.mbarrier_arrive(bars.index(2 * STAGES), increment_count=False)
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_l))
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, copy_l))
     for t in range(num_tiles):
         stage = t % STAGES
@@ -309,16 +347,11 @@ def _ws_tile(j, p, acc, m, row_sum, q_smem, k_smem, v_smem, bars, no_scores, q_p
              p_l: gl.constexpr, o_l: gl.constexpr):
     """`_pipelined_tile` for the softmax partition: tile j+1 is waited for on its stage's mbarrier,
     and tile j's stage is released once P_j @ V_j is done."""
-    next_stage = (j + 1) % STAGES
-    mbarrier.wait(bars.index(next_stage), ((j + 1) // STAGES) & 1)
+    mbarrier.wait(bars.index((j + 1) % STAGES), ((j + 1) // STAGES) & 1)
     fence_async_shared()
-    s_next = warpgroup_mma(q_smem, k_smem.index(next_stage).permute((1, 0)), no_scores, use_acc=False,
-                           is_async=True)
-    pv = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_l), v_smem.index(j % STAGES), acc, is_async=True)
-    s = warpgroup_mma_wait(1, deps=[s_next])
+    s_next, pv = _issue_tile_mmas(j, p, acc, q_smem, k_smem, v_smem, no_scores, STAGES, p_l)
     key_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
-    p, m, row_sum, alpha = _softmax_tile(s, j + 1, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, MASK)
-    acc = warpgroup_mma_wait(0, deps=[pv]) * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    p, acc, m, row_sum = _finish_tile(s_next, pv, j, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, MASK, o_l)
     mbarrier.arrive(bars.index(STAGES + j % STAGES))
     return p, acc, m, row_sum
 
@@ -360,14 +393,8 @@ def _ws_softmax(q_all, k_smem, v_smem, bars, out_ptr, q_begin, q_len, tile_token
     pv = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_l), v_smem.index((num_tiles - 1) % STAGES), acc,
                        is_async=True)
     out = warpgroup_mma_wait(0, deps=[pv])
-
-    o_rows = ROW0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
-    o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
-    o_token = tile_token + o_rows // GROUP_PAD
-    keep = (o_token < q_len) & (o_rows % GROUP_PAD < GROUP)
-    o_off = (q_begin + o_token).to(gl.int64) * stride_o_t + (kv_head * GROUP + o_rows % GROUP_PAD) * stride_o_h
-    result = out / gl.convert_layout(row_sum, gl.SliceLayout(1, o_l))[:, None]
-    gl.store(out_ptr + o_off[:, None] + o_dims[None, :], result.to(out_ptr.dtype.element_ty), mask=keep[:, None])
+    _store_rows(out, row_sum, out_ptr, q_begin, q_len, tile_token, kv_head, stride_o_t, stride_o_h, GROUP, GROUP_PAD,
+                ROW0, BLOCK_M, HEAD_DIM, o_l)
 
 
 @gluon.jit(do_not_specialize=["num_seqs"])
@@ -388,13 +415,8 @@ def _prefill_kernel_ws(
                             SEQS_POW2, NUM_WARPS)
     if seq >= num_seqs:
         return
-    q_begin = gl.load(query_start_loc_ptr + seq)
-    q_len = gl.load(query_start_loc_ptr + seq + 1) - q_begin
-    context_len = gl.load(context_lens_ptr + seq)
-    tile_token = tile * TOKENS
-    first_pos = context_len - q_len + tile_token
-    hi = gl.minimum(first_pos + TOKENS, context_len)
-    num_tiles = (hi + BLOCK_N - 1) // BLOCK_N
+    q_begin, q_len, context_len, tile_token, first_pos, hi, num_tiles = _chunk_tile(
+        query_start_loc_ptr, context_lens_ptr, seq, tile, TOKENS, BLOCK_N)
     block_table = block_tables_ptr + seq.to(gl.int64) * stride_bt_s
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM],
