@@ -47,6 +47,29 @@ def test_decode_matches_reference(block_size, head_dim, q_heads, kv_heads, dtype
     assert all_zero(), "the last split of every row must put its arrival counter back to zero"
 
 
+# Two of the paging probe's all-heads candidates (scripts/probe_decode_paging.py), on the 16-bit
+# layouts with heads of at most 128 (their tiles of every KV head's rows are sized for those).
+ALL_HEADS_CONFIGS = [kernels.DecodeConfig(64, 4, 3, all_heads=True), kernels.DecodeConfig(128, 8, 3, all_heads=True)]
+ALL_HEADS_LAYOUTS = [layout for layout in LAYOUTS if layout[1] <= 128 and layout[4] != torch.float32]
+
+
+@pytest.mark.parametrize("config", ALL_HEADS_CONFIGS, ids=lambda c: f"n{c.block_n}-w{c.num_warps}-s{c.num_stages}")
+@pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads", "dtype"), ALL_HEADS_LAYOUTS,
+                         ids=[LAYOUT_IDS[LAYOUTS.index(layout)] for layout in ALL_HEADS_LAYOUTS])
+@pytest.mark.parametrize("num_splits", [1, 7, 32])
+def test_decode_all_heads_matches_reference(block_size, head_dim, q_heads, kv_heads, dtype, num_splits,
+                                            config) -> None:
+    """One program per (sequence, split) for every KV head, against the reference and with its
+    arrival counters reset, as the per-head kernel is tested."""
+    lengths = [1, 15, 16, 17, 0, 1000, 4097, 8192]
+    batch = build_batch(lengths, [1] * len(lengths), q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                        block_size=block_size, dtype=dtype, device="cuda")
+    actual, expected = run_decode(batch, num_splits=num_splits, config=config)
+    assert_matches(actual, expected, TOLERANCE[dtype], f"all-heads decode splits={num_splits} lengths={lengths}")
+    assert not actual[4].any(), "a row with context_len 0 must give zeros"
+    assert all_zero(), "the last split of every row must put its arrival counter back to zero"
+
+
 @pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads", "dtype"), LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize(
     ("context_lens", "query_lens"),
