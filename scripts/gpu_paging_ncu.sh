@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One single-GPU call (about 5 minutes): what paging costs paged_decode under other tile configs and
-# split counts (scripts/probe_decode_paging.py); batch-1 latency at the defaults with the floor taken
+# split counts, and with one program per sequence reading pages whole for every KV head
+# (scripts/probe_decode_paging.py); batch-1 latency at the defaults with the floor taken
 # from the faster of two bandwidth measurements; and, where Nsight Compute is installed, the stall
 # reasons of the Triton and Gluon prefill kernels at 4096 tokens x 4 (one launch each).
 set -u
