@@ -103,7 +103,8 @@ def _row_offsets(pages, tile, hi, keys, kv_head, stride_b, stride_t, stride_h, B
 def _gather_tile(k_dst, v_dst, k_ptr, v_ptr, pages, tile, hi, keys, dims, kv_head,
                  stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
                  BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, SAME_KV_LAYOUT: gl.constexpr):
-    """Start the copies of a key tile's K and V rows into one ring stage, as one commit group."""
+    """Start the copies of a key tile's K and V rows into one ring stage (the caller commits them as
+    a group or has an mbarrier track them)."""
     k_rows = _row_offsets(pages, tile, hi, keys, kv_head, stride_k_b, stride_k_t, stride_k_h, BLOCK_N, BLOCK_SIZE)
     if SAME_KV_LAYOUT:
         v_rows = k_rows
@@ -112,7 +113,6 @@ def _gather_tile(k_dst, v_dst, k_ptr, v_ptr, pages, tile, hi, keys, dims, kv_hea
                               BLOCK_SIZE)
     _gather_to_shared(k_dst, k_ptr + k_rows[:, None] + dims[None, :])
     _gather_to_shared(v_dst, v_ptr + v_rows[:, None] + dims[None, :])
-    async_copy.commit_group()
 
 
 @gluon.jit
@@ -209,6 +209,7 @@ def _pipelined_tile(j, p, acc, m, row_sum, pages_next, q_smem, k_smem, v_smem, n
     _gather_tile(k_smem.index(refill), v_smem.index(refill), k_ptr, v_ptr, pages_next, j + STAGES - 1, hi,
                  keys, dims, kv_head, stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
                  BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
+    async_copy.commit_group()
     pages_next = _tile_pages(block_table, j + STAGES, hi, keys, BLOCK_N, BLOCK_SIZE)
     p, acc, m, row_sum = _finish_tile(s_next, pv, j, m, row_sum, q_pos, key_cols, qk_scale, BLOCK_N, MASK, o_l)
     return p, acc, m, row_sum, pages_next
@@ -260,6 +261,7 @@ def _prefill_kernel(
                      _tile_pages(block_table, t, hi, keys, BLOCK_N, BLOCK_SIZE), t, hi, keys, dims, kv_head,
                      stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
                      BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
+        async_copy.commit_group()
     pages_next = _tile_pages(block_table, STAGES - 1, hi, keys, BLOCK_N, BLOCK_SIZE)
 
     # Scores are in base 2 (qk_scale = softmax scale x log2 e), m in scaled units.
@@ -329,15 +331,10 @@ def _ws_gather(q_ptr, k_ptr, v_ptr, block_table, q_smem, k_smem, v_smem, bars, q
         stage = t % STAGES
         # Round r of a stage waits for the release of round r - 1's tile (phase (r - 1) & 1).
         mbarrier.wait(bars.index(STAGES + stage), (t // STAGES + 1) & 1, pred=t >= STAGES)
-        pages = _tile_pages(block_table, t, hi, keys, BLOCK_N, BLOCK_SIZE)
-        k_rows = _row_offsets(pages, t, hi, keys, kv_head, stride_k_b, stride_k_t, stride_k_h, BLOCK_N, BLOCK_SIZE)
-        if SAME_KV_LAYOUT:
-            v_rows = k_rows
-        else:
-            v_rows = _row_offsets(pages, t, hi, keys, kv_head, stride_v_b, stride_v_t, stride_v_h, BLOCK_N,
-                                  BLOCK_SIZE)
-        _gather_to_shared(k_smem.index(stage), k_ptr + k_rows[:, None] + dims[None, :])
-        _gather_to_shared(v_smem.index(stage), v_ptr + v_rows[:, None] + dims[None, :])
+        _gather_tile(k_smem.index(stage), v_smem.index(stage), k_ptr, v_ptr,
+                     _tile_pages(block_table, t, hi, keys, BLOCK_N, BLOCK_SIZE), t, hi, keys, dims, kv_head,
+                     stride_k_b, stride_k_t, stride_k_h, stride_v_b, stride_v_t, stride_v_h,
+                     BLOCK_N, BLOCK_SIZE, SAME_KV_LAYOUT)
         async_copy.mbarrier_arrive(bars.index(stage), increment_count=False)
 
 
