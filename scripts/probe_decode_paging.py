@@ -12,11 +12,10 @@ import argparse
 
 import torch
 
-from streampage.bench.kernels import DecodeInputs, Timer
+from streampage.bench.kernels import HEAD_DIM, KV_HEADS, Q_HEADS, DecodeInputs, Timer
 from streampage.kernels import DecodeConfig, DecodeWorkspace, decode_split_plan
 from streampage.kernels.paged_attention import num_sms
 
-KV_HEADS, Q_HEADS, HEAD_DIM = 8, 32, 128
 SHAPES = [(32, 8192), (16, 4096), (64, 2048), (4, 8192)]
 # Session 9 (calls 2 and 7): other tiles, warps, stages, split counts and L2 prefetching lowered the
 # paging cost only by slowing the contiguous case as much. Next: one program per (sequence, split)
