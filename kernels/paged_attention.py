@@ -94,6 +94,13 @@ class PrefillConfig:
         return candidates[-1]
 
 
+# The prefill default on Hopper GPUs where it applies (`paged_prefill`): the warp-specialised Gluon
+# kernel, two softmax warpgroups of 64 rows fed by four gathering warps through a four-stage ring of
+# 64-key tiles. H200, against causal SDPA (paired replays, 1k-8k tokens x 1 and 4 sequences): 0.76-1.08x,
+# where the Triton kernel reads 0.69-1.04x (docs/benchmarks.md).
+HOPPER_PREFILL = PrefillConfig(128, 64, 8, 4, gluon=True, gather_warps=4)
+
+
 @dataclass(frozen=True)
 class DecodeWorkspace:
     """Scratch for split-KV decode; reusable by every launch with num_seqs and num_splits up to its own.
@@ -635,6 +642,18 @@ def _seqs_pad(num_seqs: int) -> int:
     return 16 if num_seqs <= 16 else max(256, next_power_of_2(num_seqs))
 
 
+def _default_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group_pad: int,
+                     head_dim: int) -> PrefillConfig:
+    """`HOPPER_PREFILL` on a Hopper GPU wherever the Gluon kernel takes the tensors (16-bit caches,
+    head_dim 64 or 128, rows in 16-byte units); the Triton kernel's `PrefillConfig.default` elsewhere."""
+    if is_hopper(q.device):
+        from .paged_prefill_gluon import gluon_prefill_unsupported
+
+        if gluon_prefill_unsupported(q, k_cache, v_cache, group_pad, HOPPER_PREFILL) is None:
+            return HOPPER_PREFILL
+    return PrefillConfig.default(head_dim, k_cache.dtype, max_shared_memory(q.device))
+
+
 def paged_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     query_start_loc: torch.Tensor, context_lens: torch.Tensor, scale: float,
@@ -657,7 +676,7 @@ def paged_prefill(
         out = torch.empty_like(q)
     if num_seqs == 0 or q.shape[0] == 0:
         return out
-    cfg = config or PrefillConfig.default(head_dim, k_cache.dtype, max_shared_memory(q.device))
+    cfg = config or _default_prefill(q, k_cache, v_cache, group_pad, head_dim)
     block_m = max(cfg.block_m, group_pad, 16)
     # Sequence i has cdiv(q_len_i, tokens per tile) tiles: at most cdiv(num_tokens, tokens per tile)
     # plus one partial tile per sequence in all.

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# One single-GPU call for the prefill default (about 7 minutes; each step starts only if its budget
-# fits in the call's 600 s). Prints a short table; logs go into one archive (at most 8 files return
-# from a call). The throughput bar run with HF needs a call of its own: scripts/gpu_tput_hf.sh.
+# One single-GPU call for issue 4's bars at the defaults (about 8 minutes; each step starts only if
+# its budget fits in the call's 600 s). Prints a short table; logs go into one archive (at most 8 files
+# return from a call). The throughput bar run with HF needs a call of its own: scripts/gpu_tput_hf.sh.
 #   1. GPU tests: the engine (graphs against eager, HF agreement, longest-first decode, no kernel built
 #      by the first requests after the warm-up), the kernels (the Gluon prefill's own tests included),
 #      the sampler, and the check that sampling, prefill and eager decode build one kernel variant for
 #      every step size and table width;
 #   2. the kernel table (issue 4's bars; prefill timed against SDPA in alternating replays);
-#   3. every prefill config, the Gluon ones included, paired with SDPA (scripts/probe_prefill_configs.py);
+#   3. the paging cost by decode config, the all-heads kernel included (scripts/probe_decode_paging.py;
+#      every prefill config paired with SDPA is scripts/probe_prefill_configs.py);
 #   4. the nano-vllm throughput, streampage alone.
 set -u
 mkdir -p $OUT/next
@@ -25,9 +26,9 @@ step gpu_tests 200 python3 -m pytest -q -m gpu tests/test_gpu_engine.py tests/te
 { echo "gpu tests: $(tail -1 $OUT/next/gpu_tests.log)"; grep "^FAILED" $OUT/next/gpu_tests.log | head -8; } | tee -a $S
 step kernels 110 python3 -m streampage.cli bench kernels --no-flex --output $OUT/next/kernels.json
 grep -A8 "^     shape splits\|^ tokens seqs" $OUT/next/kernels.log | tee -a $S
-step prefill_configs 150 python3 scripts/probe_prefill_configs.py --reps 3
-{ echo "== prefill configs paired with SDPA"; tail -22 $OUT/next/prefill_configs.log; } | tee -a $S
-step throughput 150 python3 -m streampage.cli bench throughput --model qwen3-0.6b --output $OUT/next/tput.json
+step paging 150 python3 scripts/probe_decode_paging.py --reps 3
+{ echo "== paging by decode config"; grep -v Warning $OUT/next/paging.log; } | tee -a $S
+step throughput 120 python3 -m streampage.cli bench throughput --model qwen3-0.6b --output $OUT/next/tput.json
 { echo "== throughput"; grep -v "WARNING\|capturing\|loading" $OUT/next/throughput.log | tail -5; } | tee -a $S
 echo "done in $((SECONDS - START)) s" | tee -a $S
 (cd $OUT && tar czf next.tgz next && rm -rf next)

@@ -129,6 +129,20 @@ def test_gluon_prefill_matches_reference(block_size, head_dim, q_heads, kv_heads
     assert_matches(actual, expected, TOLERANCE[dtype], f"gluon prefill {config_name(config)} ctx={context_lens}")
 
 
+def test_prefill_default_is_the_gluon_kernel_on_hopper_where_it_applies() -> None:
+    """On a Hopper GPU `paged_prefill` without a config runs HOPPER_PREFILL on 16-bit caches with
+    head_dim 64 or 128, and the Triton kernel's default elsewhere (fp32, other GPUs)."""
+    from streampage.kernels.paged_attention import HOPPER_PREFILL, _default_prefill, is_hopper
+
+    bf16 = build_batch([40], [40], q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16,
+                       device="cuda")
+    chosen = _default_prefill(bf16.q, bf16.k_cache, bf16.v_cache, 4, 128)
+    assert chosen == HOPPER_PREFILL if is_hopper(bf16.q.device) else not chosen.gluon
+    fp32 = build_batch([40], [40], q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=torch.float32,
+                       device="cuda")
+    assert not _default_prefill(fp32.q, fp32.k_cache, fp32.v_cache, 4, 128).gluon
+
+
 @pytest.mark.parametrize("num_seqs", [8, 64])
 def test_store_and_decode_replay_in_cuda_graph(num_seqs) -> None:
     """Capture store_kvcache + paged_decode once, as the runner does for a batch-size bucket, then replay

@@ -487,21 +487,23 @@ def sweep(reps: int) -> dict[str, Any]:
 
 
 def prefill_candidates() -> list[PrefillConfig]:
-    """The PrefillConfigs `--prefill-sweep` times (the default first). One program per SM: 128-row
-    tiles of 128 or 64 keys, two warpgroups, in Triton or in Gluon (the softmax of one tile overlapping
-    the MMA of the next). Two programs per SM (one's softmax overlapping the other's MMAs): 64 x 64
-    tiles with one warpgroup (in Triton, or in Gluon with its own overlap too), or 128-row tiles with
-    two warpgroups capped at 128 registers a thread. Warp-specialised Gluon: 128 x 64 tiles whose K/V
-    four more warps gather, four and six stages deep."""
+    """The PrefillConfigs `--prefill-sweep` times, the Hopper default first (`HOPPER_PREFILL`: the
+    warp-specialised Gluon kernel, two softmax warpgroups fed by four gathering warps, 128 x 64 tiles,
+    four stages), then the Triton kernel's default (128 x 128, two warpgroups, three stages). One
+    program per SM: Gluon with six stages, or with the softmax warps gathering too (the softmax of one
+    tile under the P @ V of the one before); Triton with 128 x 64 tiles. Two programs per SM (one's
+    softmax under the other's MMAs): 64 x 64 tiles with one warpgroup (Triton or Gluon), or 128-row
+    tiles with two warpgroups capped at 128 registers a thread."""
     from streampage.kernels import PrefillConfig
+    from streampage.kernels.paged_attention import HOPPER_PREFILL
 
     return [
+        HOPPER_PREFILL,
         PrefillConfig(128, 128, 8, 3),
+        PrefillConfig(128, 64, 8, 6, gluon=True, gather_warps=4),
         PrefillConfig(128, 128, 8, 3, gluon=True),
         PrefillConfig(128, 64, 8, 4, gluon=True),
         PrefillConfig(64, 64, 4, 3, gluon=True),
-        PrefillConfig(128, 64, 8, 4, gluon=True, gather_warps=4),
-        PrefillConfig(128, 64, 8, 6, gluon=True, gather_warps=4),
         PrefillConfig(128, 128, 8, 3, block_n_diag=128),
         PrefillConfig(128, 128, 8, 2),
         PrefillConfig(128, 64, 8, 3),
