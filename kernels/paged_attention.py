@@ -30,14 +30,16 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    block_n: int  # K/V rows per iteration: tokens (x KV heads with all_heads), whole pages where they fit
+    block_n: int  # K/V rows per iteration: tokens x kv_heads_per_program, whole pages where they fit
     num_warps: int
     num_stages: int
-    # One program per (sequence, split) for every KV head, reading each page whole (block_n rows =
-    # tokens x KV heads, in the pool's order), instead of one per KV head reading a 1/KV_HEADS slice
-    # of it. Every query head is scored against every head's keys of the tile and masked to its own:
-    # KV_HEADS x the MMA work, which decode has to spare. For the paging cost (docs/kernels.md).
-    all_heads: bool = False
+    # KV heads one program reads (a divisor of the model's). Above 1 a tile's rows are the tokens of
+    # that many neighbouring heads in the pool's token-major order (each token's heads one contiguous
+    # run of bytes; with every head, each page read whole by one program), and every query head of
+    # the program is scored against all of them and masked to its own. With GQA groups of 4 and up
+    # to 4 heads the MMA's 16 padded rows hold that many more real query heads, so the MMA work per
+    # key is unchanged; for the paging cost (docs/kernels.md).
+    kv_heads_per_program: int = 1
 
     @staticmethod
     def default(head_dim: int, programs_per_sm: float) -> DecodeConfig:
@@ -247,14 +249,15 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
     GROUP_POW2: tl.constexpr = 1, SPLITS_PAD: tl.constexpr = 1, SPLIT_CHUNK: tl.constexpr = 1,
-    ORDERED: tl.constexpr = False, ALL_HEADS: tl.constexpr = False, KV_HEADS: tl.constexpr = 1,
+    ORDERED: tl.constexpr = False, HEADS: tl.constexpr = 1,
 ):
     # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
-    # together they read each page of the pool whole; with ALL_HEADS one program does (grid axis 0
-    # is 1), its rows every query head, its tiles BLOCK_N // KV_HEADS tokens of every KV head.
-    ROWS: tl.constexpr = GROUP * KV_HEADS if ALL_HEADS else GROUP  # query heads of the program
-    TILE_TOKENS: tl.constexpr = BLOCK_N // KV_HEADS if ALL_HEADS else BLOCK_N
-    kv_head = 0 if ALL_HEADS else tl.program_id(0)
+    # together they read each page of the pool whole. Program kv_head reads HEADS neighbouring KV
+    # heads from kv_head * HEADS (one unless DecodeConfig.kv_heads_per_program says otherwise): its
+    # rows are their query heads, its tiles BLOCK_N // HEADS tokens of each.
+    ROWS: tl.constexpr = GROUP * HEADS  # query heads of the program
+    TILE_TOKENS: tl.constexpr = BLOCK_N // HEADS
+    kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     if ORDERED:  # the caller's launch order of the rows (longest first: none is left running alone)
         seq = tl.load(row_order_ptr + seq).to(tl.int64)
@@ -266,11 +269,11 @@ def _decode_kernel(
     start = split * span
     end = tl.minimum(start + span, context_len)
 
-    # Row i of a K/V tile is token tile_start + row_token[i] of KV head kv_head, or with ALL_HEADS
+    # Row i of a K/V tile is token tile_start + row_token[i] of KV head kv_head, or with HEADS > 1
     # of KV head row_head[i] (the pool's order within a page: token-major).
-    if ALL_HEADS:
-        row_token = tl.arange(0, BLOCK_N) // KV_HEADS
-        row_head = tl.arange(0, BLOCK_N) % KV_HEADS
+    if HEADS > 1:
+        row_token = tl.arange(0, BLOCK_N) // HEADS
+        row_head = kv_head * HEADS + tl.arange(0, BLOCK_N) % HEADS
         k_head, v_head = row_head * stride_k_h, row_head * stride_v_h
     else:
         row_token = tl.arange(0, BLOCK_N)
@@ -284,9 +287,9 @@ def _decode_kernel(
     # token's K/V come from the kernel just before.
     wait_for_previous_kernel(PDL)
 
-    rows = tl.arange(0, GROUP_PAD)  # row r = query head kv_head * GROUP + r; rows >= ROWS are padding
+    rows = tl.arange(0, GROUP_PAD)  # row r = query head kv_head * ROWS + r; rows >= ROWS are padding
     row_mask = rows < ROWS
-    heads = kv_head * GROUP + rows
+    heads = kv_head * ROWS + rows
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + dims[None, :],
                 mask=row_mask[:, None], other=0.0)
@@ -303,7 +306,7 @@ def _decode_kernel(
         k_rows = pages * stride_k_b + in_page * stride_k_t + k_head
         k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if ALL_HEADS:  # a query row sees its own KV head's rows (padding rows see all: finite, unused)
+        if HEADS > 1:  # a query row sees its own KV head's rows (padding rows see all: finite, unused)
             own = ((heads // GROUP)[:, None] == row_head[None, :]) | ~row_mask[:, None]
             s = tl.where(valid[None, :] & own, s, float("-inf"))
         else:
@@ -428,8 +431,11 @@ def paged_decode(
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    all_heads = config is not None and config.all_heads
-    head_programs = 1 if all_heads else num_kv_heads  # programs per (sequence, split)
+    heads_per_program = 1 if config is None else config.kv_heads_per_program
+    if num_kv_heads % heads_per_program:
+        raise ValueError(f"DecodeConfig.kv_heads_per_program must divide kv_heads ({num_kv_heads}), "
+                         f"got {heads_per_program}")
+    head_programs = num_kv_heads // heads_per_program  # programs per (sequence, split)
     if num_splits is None:
         bound = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
         num_splits = decode_split_plan(num_seqs, head_programs, bound, num_sms(q.device))
@@ -437,8 +443,9 @@ def paged_decode(
         min_split_len = min_split_tokens(num_seqs, head_programs, num_sms(q.device))
     programs = head_programs * num_seqs * num_splits
     cfg = config or DecodeConfig.default(head_dim, programs / num_sms(q.device))
-    if all_heads and (cfg.block_n % num_kv_heads or (cfg.block_n // num_kv_heads) & (cfg.block_n // num_kv_heads - 1)):
-        raise ValueError(f"DecodeConfig(all_heads=True) needs block_n = a power of two x kv_heads ({num_kv_heads}), "
+    tile_tokens = cfg.block_n // heads_per_program
+    if cfg.block_n % heads_per_program or tile_tokens & (tile_tokens - 1):
+        raise ValueError(f"DecodeConfig.block_n must be a power of two x kv_heads_per_program ({heads_per_program}), "
                          f"got {cfg.block_n}")
     if num_splits > 1:
         if workspace is None:
@@ -453,7 +460,7 @@ def paged_decode(
         part_out, part_lse, counters = out, out[..., 0], context_lens
     po_strides = part_out.stride() if num_splits > 1 else (0, 0, 0)
     pl_strides = part_lse.stride() if num_splits > 1 else (0, 0)
-    rows = num_q_heads if all_heads else group  # query heads of one program
+    rows = group * heads_per_program  # query heads of one program
     _decode_kernel[(head_programs, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, counters,
         context_lens if row_order is None else row_order,  # read only when ORDERED
@@ -464,7 +471,7 @@ def paged_decode(
         po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1],
         GROUP=group, GROUP_PAD=max(next_power_of_2(rows), 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        ORDERED=row_order is not None, ALL_HEADS=all_heads, KV_HEADS=num_kv_heads if all_heads else 1,
+        ORDERED=row_order is not None, HEADS=heads_per_program,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_merge_shape(rows, head_dim, num_splits),
         **launch_options(q.device),
     )

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One single-GPU call (about 3 minutes): what paging costs paged_decode under other tile configs and
 # split counts, and with one program per sequence reading pages whole for every KV head
-# (scripts/probe_decode_paging.py); and batch-1 latency at the defaults with the floor taken from the
+# (scripts/probe_decode_paging.py --windows); and batch-1 latency at the defaults with the floor taken from the
 # faster of two bandwidth measurements. Nsight Compute profiles of the prefill kernels are in
 # scripts/gpu_prefill_probe.sh.
 set -u
 mkdir -p $OUT/pn
 S=$OUT/summary.txt
 . scripts/gpu_setup.sh > $OUT/pn/setup.log 2>&1
-timeout 170 python3 scripts/probe_decode_paging.py --reps 4 > $OUT/pn/paging.log 2>&1
+timeout 170 python3 scripts/probe_decode_paging.py --reps 4 --windows > $OUT/pn/paging.log 2>&1
 { echo "== paging"; cat $OUT/pn/paging.log | grep -v Warning; } | tee -a $S
 for m in "llama3-8b" "llama3.2-1b --decode-gemv qkv,o,down"; do
   name=$(echo $m | cut -d' ' -f1)

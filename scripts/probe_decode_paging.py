@@ -1,11 +1,14 @@
-"""What paging costs `paged_decode` under other tile configs and split counts: for each, the graphs on
-contiguous and on scattered block tables replayed alternately (ABBA, as the kernel table's paging
-column), at the table's shapes with few programs per SM, where paging costs the most (B32/8k: 2.4-2.8%
-against a 2% bar), and with one program reading pages whole for every KV head (`all_heads`, at its
-own split plan). Prints scattered and contiguous us and the paging cost per config; the default
+"""What paging costs `paged_decode` under other tile configs, split counts and KV heads per program:
+for each, the graphs on contiguous and on scattered block tables replayed alternately (ABBA, as the
+kernel table's paging column), at the table's shapes where paging costs the most (B32/8k: 2.3-2.8%
+against a 2% bar). Prints scattered and contiguous us and the paging cost per config; the default
 (`DecodeConfig.default` at the planned split count) is the first row of each shape.
 
-    python3 scripts/probe_decode_paging.py [--reps 5]
+`--windows` also times the default on tables scattered only within windows of 64 pages (2 MB of K at
+the 8B shape: one GPU large page): if paging costs as much there, the cost is not address
+translation (the TLB) but the order in which the pool's pages are read.
+
+    python3 scripts/probe_decode_paging.py [--reps 5] [--windows]
 """
 
 import argparse
@@ -17,43 +20,65 @@ from streampage.kernels import DecodeConfig, DecodeWorkspace, decode_split_plan
 from streampage.kernels.paged_attention import num_sms
 
 SHAPES = [(32, 8192), (16, 4096), (64, 2048), (4, 8192)]
+WINDOW_PAGES = 64
 # Session 9 (calls 2 and 7): other tiles, warps, stages, split counts and L2 prefetching lowered the
-# paging cost only by slowing the contiguous case as much. Next: one program per (sequence, split)
-# reading pages whole for every KV head (`all_heads`; block_n rows = tokens x 8 heads).
-CANDIDATES = [DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(32, 4, 4),
-              DecodeConfig(64, 4, 3, all_heads=True), DecodeConfig(64, 4, 2, all_heads=True),
-              DecodeConfig(128, 4, 2, all_heads=True), DecodeConfig(128, 8, 3, all_heads=True),
-              DecodeConfig(32, 4, 4, all_heads=True)]
+# paging cost only by slowing the contiguous case as much. Session 10 (call 1): one program per
+# (sequence, split) for all 8 KV heads read pages whole at no paging cost but 11-27% slower (its
+# MMAs and softmax work on 32 query rows, each using 1/8 of a tile). Two or four heads a program
+# keep the default's work per key (their 8 or 16 query rows fill the MMA's 16) and read each token's
+# heads as one run of 512 B or 1 KB.
+CANDIDATES = [DecodeConfig(64, 8, 3),
+              DecodeConfig(64, 4, 3, kv_heads_per_program=2), DecodeConfig(128, 4, 2, kv_heads_per_program=2),
+              DecodeConfig(128, 4, 3, kv_heads_per_program=2), DecodeConfig(128, 8, 3, kv_heads_per_program=2),
+              DecodeConfig(128, 4, 2, kv_heads_per_program=4), DecodeConfig(128, 8, 3, kv_heads_per_program=4),
+              DecodeConfig(256, 8, 2, kv_heads_per_program=4), DecodeConfig(128, 4, 2, kv_heads_per_program=8)]
+
+
+def windowed_table(contiguous: torch.Tensor, window: int) -> torch.Tensor:
+    """The contiguous table with its pages shuffled only within aligned windows of `window` pages."""
+    flat = contiguous.flatten()
+    windows = flat.view(-1, window)
+    order = torch.argsort(torch.rand(windows.shape, device=flat.device), dim=1)
+    return torch.gather(windows, 1, order).view_as(contiguous).contiguous()
+
+
+def label(cfg: DecodeConfig | None, default: DecodeConfig) -> str:
+    if cfg is None:
+        return "default at 2x splits"
+    text = f"{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+    if cfg.kv_heads_per_program > 1:
+        text += f" {cfg.kv_heads_per_program} heads"
+    return text + (" (default)" if cfg == default else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--windows", action="store_true")
     args = parser.parse_args()
     timer = Timer(args.reps)
     sms = num_sms(torch.device("cuda"))
     print(f"{'shape':>9} {'splits':>6} {'config':<28} | {'scattered':>9} {'contig':>8} {'paging':>7}")
     for num_seqs, context in SHAPES:
         inputs = DecodeInputs(num_seqs, context)
+        inputs.tables["windowed"] = windowed_table(inputs.tables["contiguous"], WINDOW_PAGES)
         plan = decode_split_plan(num_seqs, KV_HEADS, context, sms)
         default = DecodeConfig.default(HEAD_DIM, num_seqs * KV_HEADS * plan / sms)
-        runs = [(plan, default)] + [(plan, cfg) for cfg in CANDIDATES if cfg != default] + [(2 * plan, None)]
-        for splits, cfg in runs:
-            if cfg is not None and cfg.all_heads:  # one program per (sequence, split): its own plan
-                splits = decode_split_plan(num_seqs, 1, context, sms)
+        runs = [(plan, default, "scattered")] + [(plan, cfg, "scattered") for cfg in CANDIDATES if cfg != default]
+        runs += [(2 * plan, None, "scattered")] + ([(plan, default, "windowed")] if args.windows else [])
+        for splits, cfg, layout in runs:
+            if cfg is not None and cfg.kv_heads_per_program > 1:  # fewer programs a sequence: their own plan
+                splits = decode_split_plan(num_seqs, KV_HEADS // cfg.kv_heads_per_program, context, sms)
             workspace = DecodeWorkspace.allocate(num_seqs, Q_HEADS, HEAD_DIM, splits, "cuda")
-            calls = {layout: inputs.paged_calls(layout, num_splits=splits, workspace=workspace, config=cfg)
-                     for layout in ("contiguous", "scattered")}
+            calls = {name: inputs.paged_calls(name, num_splits=splits, workspace=workspace, config=cfg)
+                     for name in ("contiguous", layout)}
             try:
-                contig, scattered, ratio = timer.graph_pair(calls["contiguous"], calls["scattered"])
+                contig, scattered, ratio = timer.graph_pair(calls["contiguous"], calls[layout])
             except Exception as exc:  # a config the SM cannot fit is reported, not fatal
                 print(f"B{num_seqs}/{context} {cfg}: {type(exc).__name__}: {str(exc)[:160]}")
                 continue
-            label = "default at 2x splits" if cfg is None else f"{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}" \
-                + (" all heads" if cfg.all_heads else "")
-            if cfg == default:
-                label += " (default)"
-            print(f"{f'B{num_seqs}/{context}':>9} {splits:>6} {label:<28} | {scattered:>9.1f} {contig:>8.1f} "
+            text = label(cfg, default) + (" windowed" if layout == "windowed" else "")
+            print(f"{f'B{num_seqs}/{context}':>9} {splits:>6} {text:<28} | {scattered:>9.1f} {contig:>8.1f} "
                   f"{100 * (ratio - 1):>6.2f}%", flush=True)
         del inputs
         torch.cuda.empty_cache()
