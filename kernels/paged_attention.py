@@ -30,16 +30,9 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    block_n: int  # K/V rows per iteration: tokens x kv_heads_per_program, whole pages where they fit
+    block_n: int  # KV tokens per iteration (a whole number of pages when block_size divides it)
     num_warps: int
     num_stages: int
-    # KV heads one program reads (a divisor of the model's). Above 1 a tile's rows are the tokens of
-    # that many neighbouring heads in the pool's token-major order (each token's heads one contiguous
-    # run of bytes; with every head, each page read whole by one program), and every query head of
-    # the program is scored against all of them and masked to its own. With GQA groups of 4 and up
-    # to 4 heads the MMA's 16 padded rows hold that many more real query heads, so the MMA work per
-    # key is unchanged; for the paging cost (docs/kernels.md).
-    kv_heads_per_program: int = 1
 
     @staticmethod
     def default(head_dim: int, programs_per_sm: float) -> DecodeConfig:
@@ -249,14 +242,10 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
     GROUP_POW2: tl.constexpr = 1, SPLITS_PAD: tl.constexpr = 1, SPLIT_CHUNK: tl.constexpr = 1,
-    ORDERED: tl.constexpr = False, HEADS: tl.constexpr = 1,
+    ORDERED: tl.constexpr = False,
 ):
     # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
-    # together they read each page of the pool whole. Program kv_head reads HEADS neighbouring KV
-    # heads from kv_head * HEADS (one unless DecodeConfig.kv_heads_per_program says otherwise): its
-    # rows are their query heads, its tiles BLOCK_N // HEADS tokens of each.
-    ROWS: tl.constexpr = GROUP * HEADS  # query heads of the program
-    TILE_TOKENS: tl.constexpr = BLOCK_N // HEADS
+    # together they read each page of the pool whole.
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     if ORDERED:  # the caller's launch order of the rows (longest first: none is left running alone)
@@ -265,31 +254,22 @@ def _decode_kernel(
     context_len = tl.load(context_lens_ptr + seq)
     # Split boundaries are whole tiles. A split past the sequence's last one has an empty range and
     # writes nothing; a sequence that uses one split writes its output directly (no merge).
-    span, used = _split_span(context_len, num_splits, min_split_len, TILE_TOKENS)
+    span, used = _split_span(context_len, num_splits, min_split_len, BLOCK_N)
     start = split * span
     end = tl.minimum(start + span, context_len)
 
-    # Row i of a K/V tile is token tile_start + row_token[i] of KV head kv_head, or with HEADS > 1
-    # of KV head row_head[i] (the pool's order within a page: token-major).
-    if HEADS > 1:
-        row_token = tl.arange(0, BLOCK_N) // HEADS
-        row_head = kv_head * HEADS + tl.arange(0, BLOCK_N) % HEADS
-        k_head, v_head = row_head * stride_k_h, row_head * stride_v_h
-    else:
-        row_token = tl.arange(0, BLOCK_N)
-        k_head, v_head = kv_head * stride_k_h, kv_head * stride_v_h
     # The block table is read one tile ahead, so the next tile's K/V addresses are known while this
     # one computes and the pipeliner keeps K/V loads num_stages - 1 tiles ahead.
     block_table = block_tables_ptr + seq * stride_bt_s
-    pages = _tile_pages(block_table, start + row_token, end, BLOCK_SIZE)
+    pages = _tile_pages(block_table, start + tl.arange(0, BLOCK_N), end, BLOCK_SIZE)
     # The step's inputs (row order, context lengths, block tables) were written before its first kernel
     # (pdl.py), so the chain of loads above runs under the previous kernel's tail; q and the newest
     # token's K/V come from the kernel just before.
     wait_for_previous_kernel(PDL)
 
-    rows = tl.arange(0, GROUP_PAD)  # row r = query head kv_head * ROWS + r; rows >= ROWS are padding
-    row_mask = rows < ROWS
-    heads = kv_head * ROWS + rows
+    rows = tl.arange(0, GROUP_PAD)  # row r = query head kv_head * GROUP + r; rows >= GROUP are padding
+    row_mask = rows < GROUP
+    heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + dims[None, :],
                 mask=row_mask[:, None], other=0.0)
@@ -298,24 +278,20 @@ def _decode_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for tile_start in range(start, end, TILE_TOKENS):
-        tokens = tile_start + row_token
+    for tile_start in range(start, end, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
         valid = tokens < end  # the first token of a tile is always valid: m stays finite
-        next_pages = _tile_pages(block_table, tokens + TILE_TOKENS, end, BLOCK_SIZE)
+        next_pages = _tile_pages(block_table, tokens + BLOCK_N, end, BLOCK_SIZE)
         in_page = tokens % BLOCK_SIZE
-        k_rows = pages * stride_k_b + in_page * stride_k_t + k_head
+        k_rows = pages * stride_k_b + in_page * stride_k_t + kv_head * stride_k_h
         k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HEADS > 1:  # a query row sees its own KV head's rows (padding rows see all: finite, unused)
-            own = ((heads // GROUP)[:, None] == row_head[None, :]) | ~row_mask[:, None]
-            s = tl.where(valid[None, :] & own, s, float("-inf"))
-        else:
-            s = tl.where(valid[None, :], s, float("-inf"))
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        v_rows = pages * stride_v_b + in_page * stride_v_t + v_head
+        v_rows = pages * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h
         v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
@@ -325,7 +301,7 @@ def _decode_kernel(
     result = acc / safe_sum[:, None]
     # Per-sequence conditions as row bounds (a scalar condition joins a block mask this way).
     out = out_ptr + seq * stride_o_s + heads[:, None] * stride_o_h + dims[None, :]
-    direct = rows < tl.where(used == 1, tl.where(split == 0, ROWS, 0), 0)
+    direct = rows < tl.where(used == 1, tl.where(split == 0, GROUP, 0), 0)
     tl.store(out, result.to(out_ptr.dtype.element_ty), mask=direct[:, None])
     if SPLIT:  # noqa: SIM102 - a compile-time branch around a runtime one
         if (used > 1) & (split < used):
@@ -333,7 +309,7 @@ def _decode_kernel(
                 result, m, safe_sum, rows, heads, dims, seq, kv_head, split, used,
                 out_ptr, part_out_ptr, part_lse_ptr, counter_ptr, stride_o_s, stride_o_h,
                 stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
-                ROWS, HEAD_DIM, GROUP_POW2, SPLITS_PAD, SPLIT_CHUNK,
+                GROUP, HEAD_DIM, GROUP_POW2, SPLITS_PAD, SPLIT_CHUNK,
             )
 
 
@@ -424,29 +400,20 @@ def paged_decode(
     long sequences from running alone at the end of a batch of mixed lengths. Results do not depend
     on it.
     """
-    group, _, head_dim = _check(q, k_cache, v_cache)
+    group, group_pad, head_dim = _check(q, k_cache, v_cache)
     num_seqs, num_q_heads = q.shape[0], q.shape[1]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    heads_per_program = 1 if config is None else config.kv_heads_per_program
-    if num_kv_heads % heads_per_program:
-        raise ValueError(f"DecodeConfig.kv_heads_per_program must divide kv_heads ({num_kv_heads}), "
-                         f"got {heads_per_program}")
-    head_programs = num_kv_heads // heads_per_program  # programs per (sequence, split)
     if num_splits is None:
         bound = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
-        num_splits = decode_split_plan(num_seqs, head_programs, bound, num_sms(q.device))
+        num_splits = decode_split_plan(num_seqs, num_kv_heads, bound, num_sms(q.device))
     if min_split_len is None:
-        min_split_len = min_split_tokens(num_seqs, head_programs, num_sms(q.device))
-    programs = head_programs * num_seqs * num_splits
+        min_split_len = min_split_tokens(num_seqs, num_kv_heads, num_sms(q.device))
+    programs = num_kv_heads * num_seqs * num_splits
     cfg = config or DecodeConfig.default(head_dim, programs / num_sms(q.device))
-    tile_tokens = cfg.block_n // heads_per_program
-    if cfg.block_n % heads_per_program or tile_tokens & (tile_tokens - 1):
-        raise ValueError(f"DecodeConfig.block_n must be a power of two x kv_heads_per_program ({heads_per_program}), "
-                         f"got {cfg.block_n}")
     if num_splits > 1:
         if workspace is None:
             workspace = DecodeWorkspace.allocate(num_seqs, num_q_heads, head_dim, num_splits, q.device)
@@ -455,13 +422,12 @@ def paged_decode(
         if part_out.shape[:3] != (num_seqs, num_q_heads, num_splits) or part_out.shape[3] != head_dim:
             raise ValueError(f"workspace {tuple(workspace.partial_out.shape)} is too small for "
                              f"{(num_seqs, num_q_heads, num_splits, head_dim)}")
-        counters = arrival_counters(q.device, num_seqs * head_programs)
+        counters = arrival_counters(q.device, num_seqs * num_kv_heads)
     else:  # never dereferenced: the single-split kernel writes straight to out
         part_out, part_lse, counters = out, out[..., 0], context_lens
     po_strides = part_out.stride() if num_splits > 1 else (0, 0, 0)
     pl_strides = part_lse.stride() if num_splits > 1 else (0, 0)
-    rows = group * heads_per_program  # query heads of one program
-    _decode_kernel[(head_programs, num_seqs, num_splits)](
+    _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, counters,
         context_lens if row_order is None else row_order,  # read only when ORDERED
         scale * _LOG2E, num_splits, min_split_len,
@@ -469,10 +435,10 @@ def paged_decode(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1],
-        GROUP=group, GROUP_PAD=max(next_power_of_2(rows), 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        GROUP=group, GROUP_PAD=max(group_pad, 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        ORDERED=row_order is not None, HEADS=heads_per_program,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_merge_shape(rows, head_dim, num_splits),
+        ORDERED=row_order is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_merge_shape(group, head_dim, num_splits),
         **launch_options(q.device),
     )
     return out

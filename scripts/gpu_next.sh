@@ -7,7 +7,7 @@
 #      the sampler, and the check that sampling, prefill and eager decode build one kernel variant for
 #      every step size and table width;
 #   2. the kernel table (issue 4's bars; prefill timed against SDPA in alternating replays);
-#   3. the paging cost by decode config and KV heads per program (scripts/probe_decode_paging.py;
+#   3. the paging cost by decode config (scripts/probe_decode_paging.py;
 #      every prefill config paired with SDPA is scripts/probe_prefill_configs.py);
 #   4. the nano-vllm throughput, streampage alone.
 set -u

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One single-GPU call (about 3 minutes): what paging costs paged_decode under other tile configs and
-# split counts, and with one program per sequence reading pages whole for every KV head
-# (scripts/probe_decode_paging.py --windows); and batch-1 latency at the defaults with the floor taken from the
-# faster of two bandwidth measurements. Nsight Compute profiles of the prefill kernels are in
+# split counts, and on tables scattered only within 2 MB windows (scripts/probe_decode_paging.py
+# --windows); and batch-1 latency at the defaults with the floor taken from the faster of two
+# bandwidth measurements. Nsight Compute profiles of the prefill kernels are in
 # scripts/gpu_prefill_probe.sh.
 set -u
 mkdir -p $OUT/pn

@@ -1,8 +1,8 @@
-"""What paging costs `paged_decode` under other tile configs, split counts and KV heads per program:
-for each, the graphs on contiguous and on scattered block tables replayed alternately (ABBA, as the
-kernel table's paging column), at the table's shapes where paging costs the most (B32/8k: 2.3-2.8%
-against a 2% bar). Prints scattered and contiguous us and the paging cost per config; the default
-(`DecodeConfig.default` at the planned split count) is the first row of each shape.
+"""What paging costs `paged_decode` under other tile configs and split counts: for each, the graphs on
+contiguous and on scattered block tables replayed alternately (ABBA, as the kernel table's paging
+column), at the table's shapes where paging costs the most (B32/8k: 2.3-2.8% against a 2% bar).
+Prints scattered and contiguous us and the paging cost per config; the default (`DecodeConfig.default`
+at the planned split count) is the first row of each shape.
 
 `--windows` also times the default on tables scattered only within windows of 64 pages (2 MB of K at
 the 8B shape: one GPU large page): if paging costs as much there, the cost is not address
@@ -22,16 +22,10 @@ from streampage.kernels.paged_attention import num_sms
 SHAPES = [(32, 8192), (16, 4096), (64, 2048), (4, 8192)]
 WINDOW_PAGES = 64
 # Session 9 (calls 2 and 7): other tiles, warps, stages, split counts and L2 prefetching lowered the
-# paging cost only by slowing the contiguous case as much. Session 10 (call 1): one program per
-# (sequence, split) for all 8 KV heads read pages whole at no paging cost but 11-27% slower (its
-# MMAs and softmax work on 32 query rows, each using 1/8 of a tile). Two or four heads a program
-# keep the default's work per key (their 8 or 16 query rows fill the MMA's 16) and read each token's
-# heads as one run of 512 B or 1 KB.
-CANDIDATES = [DecodeConfig(64, 8, 3),
-              DecodeConfig(64, 4, 3, kv_heads_per_program=2), DecodeConfig(128, 4, 2, kv_heads_per_program=2),
-              DecodeConfig(128, 4, 3, kv_heads_per_program=2), DecodeConfig(128, 8, 3, kv_heads_per_program=2),
-              DecodeConfig(128, 4, 2, kv_heads_per_program=4), DecodeConfig(128, 8, 3, kv_heads_per_program=4),
-              DecodeConfig(256, 8, 2, kv_heads_per_program=4), DecodeConfig(128, 4, 2, kv_heads_per_program=8)]
+# paging cost only by slowing the contiguous case as much. Session 10 (calls 1 and 2): programs
+# reading 2, 4 or all 8 KV heads (each token's heads one run of bytes, or each page whole) did the
+# same, and were removed (docs/benchmarks.md). None reads scattered tables faster than the default.
+CANDIDATES = [DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(32, 4, 4)]
 
 
 def windowed_table(contiguous: torch.Tensor, window: int) -> torch.Tensor:
@@ -45,10 +39,7 @@ def windowed_table(contiguous: torch.Tensor, window: int) -> torch.Tensor:
 def label(cfg: DecodeConfig | None, default: DecodeConfig) -> str:
     if cfg is None:
         return "default at 2x splits"
-    text = f"{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-    if cfg.kv_heads_per_program > 1:
-        text += f" {cfg.kv_heads_per_program} heads"
-    return text + (" (default)" if cfg == default else "")
+    return f"{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}" + (" (default)" if cfg == default else "")
 
 
 def main() -> None:
@@ -67,8 +58,6 @@ def main() -> None:
         runs = [(plan, default, "scattered")] + [(plan, cfg, "scattered") for cfg in CANDIDATES if cfg != default]
         runs += [(2 * plan, None, "scattered")] + ([(plan, default, "windowed")] if args.windows else [])
         for splits, cfg, layout in runs:
-            if cfg is not None and cfg.kv_heads_per_program > 1:  # fewer programs a sequence: their own plan
-                splits = decode_split_plan(num_seqs, KV_HEADS // cfg.kv_heads_per_program, context, sms)
             workspace = DecodeWorkspace.allocate(num_seqs, Q_HEADS, HEAD_DIM, splits, "cuda")
             calls = {name: inputs.paged_calls(name, num_splits=splits, workspace=workspace, config=cfg)
                      for name in ("contiguous", layout)}

@@ -62,11 +62,7 @@ DECODE_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")},
                "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "part_out_ptr": "*fp32",
                "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "row_order_ptr": "*i32", "qk_scale": "fp32"}
 DECODE_CONSTS = {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": 64, "SPLIT": True,
-                 "DOT_PRECISION": "tf32", "GROUP_POW2": 4, "SPLITS_PAD": 64, "SPLIT_CHUNK": 8, "ORDERED": True,
-                 "HEADS": 1}
-# Programs reading two KV heads of the 8B shape: 8 query rows padded to 16, tiles of 64 tokens x 2 heads.
-DECODE_TWO_HEADS_CONSTS = {**DECODE_CONSTS, "HEADS": 2, "BLOCK_N": 128, "GROUP_POW2": 8, "SPLITS_PAD": 16,
-                           "SPLIT_CHUNK": 4}
+                 "DOT_PRECISION": "tf32", "GROUP_POW2": 4, "SPLITS_PAD": 64, "SPLIT_CHUNK": 8, "ORDERED": True}
 ROTARY_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "q_norm_ptr", "k_norm_ptr", "k_cache_ptr",
                                        "v_cache_ptr")},
                "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "eps": "fp32"}
@@ -85,8 +81,6 @@ GLUON_PREFILL_CONSTS = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE
 KERNELS = {
     "gemv": (gemv._skinny_linear_kernel, GEMV_ARGS, GEMV_CONSTS, {"num_warps": 4}),
     "decode-split": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_CONSTS, {"num_warps": 4, "num_stages": 3}),
-    "decode-two-heads": (paged_attention._decode_kernel, DECODE_ARGS, DECODE_TWO_HEADS_CONSTS,
-                         {"num_warps": 4, "num_stages": 2}),
     "rms-norm": (fused_ops._rms_norm_kernel,
                  {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},
                  {"HIDDEN": 2048, "BLOCK": 2048, "HAS_RESIDUAL": True}, {"num_warps": 8}),

@@ -424,30 +424,3 @@ def test_launch_wrappers_integer_helpers_match_triton() -> None:
 
     assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
     assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 40))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("block_size", "head_dim", "q_heads", "kv_heads"),
-                         [layout for layout in LAYOUTS if layout[3] > 1] + [(16, 64, 12, 4)])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_several_kv_heads_per_program_matches_reference(block_size, head_dim, q_heads, kv_heads, dtype,
-                                                              num_splits) -> None:
-    """Programs reading 2 or 4 neighbouring KV heads, or all of them (`DecodeConfig.kv_heads_per_program`):
-    each query head sees its own KV head's keys only, GQA groups of 1-8 (3 included: padded query
-    rows), tiles that end inside a page and past the context, empty rows, splits merged."""
-    lengths = [1, 15, 16, 17, 0, 2 * block_size + 1, 70]
-    batch = build_batch(lengths, [1] * len(lengths), q_heads=q_heads, kv_heads=kv_heads,
-                        head_dim=head_dim, block_size=block_size, dtype=dtype)
-    for heads in sorted({h for h in (2, 4, kv_heads) if h > 1 and kv_heads % h == 0}):
-        config = DecodeConfig(block_n=8 * heads, num_warps=4, num_stages=2, kv_heads_per_program=heads)
-        actual, expected = run_decode(batch, num_splits=num_splits, config=config)
-        assert_matches(actual, expected, TOLERANCE[dtype], f"decode, {heads} KV heads a program, lengths={lengths}")
-        assert not actual[4].any(), "a row with context_len 0 must give zeros"
-
-
-def test_decode_refuses_kv_heads_per_program_that_do_not_fit() -> None:
-    batch = build_batch([20], [1], q_heads=8, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"block_n must be a power of two x kv_heads_per_program \(2\), got 24"):
-        run_decode(batch, config=DecodeConfig(block_n=24, num_warps=4, num_stages=2, kv_heads_per_program=2))
-    with pytest.raises(ValueError, match=r"kv_heads_per_program must divide kv_heads \(2\), got 4"):
-        run_decode(batch, config=DecodeConfig(block_n=32, num_warps=4, num_stages=2, kv_heads_per_program=4))
