@@ -10,6 +10,7 @@
 #   3. the paging cost by decode config (scripts/probe_decode_paging.py;
 #      every prefill config paired with SDPA is scripts/probe_prefill_configs.py);
 #   4. the nano-vllm throughput, streampage alone.
+# PAGING=0 and THROUGHPUT=0 skip steps 3 and 4.
 set -u
 mkdir -p $OUT/next
 S=$OUT/summary.txt
@@ -26,9 +27,13 @@ step gpu_tests 200 python3 -m pytest -q -m gpu tests/test_gpu_engine.py tests/te
 { echo "gpu tests: $(tail -1 $OUT/next/gpu_tests.log)"; grep "^FAILED" $OUT/next/gpu_tests.log | head -8; } | tee -a $S
 step kernels 110 python3 -m streampage.cli bench kernels --no-flex --output $OUT/next/kernels.json
 grep -A8 "^     shape splits\|^ tokens seqs" $OUT/next/kernels.log | tee -a $S
-step paging 150 python3 scripts/probe_decode_paging.py --reps 3
-{ echo "== paging by decode config"; grep -v Warning $OUT/next/paging.log; } | tee -a $S
-step throughput 120 python3 -m streampage.cli bench throughput --model qwen3-0.6b --output $OUT/next/tput.json
-{ echo "== throughput"; grep -v "WARNING\|capturing\|loading" $OUT/next/throughput.log | tail -5; } | tee -a $S
+if [ "${PAGING:-1}" != 0 ]; then
+  step paging 150 python3 scripts/probe_decode_paging.py --reps 3
+  { echo "== paging by decode config"; grep -v Warning $OUT/next/paging.log; } | tee -a $S
+fi
+if [ "${THROUGHPUT:-1}" != 0 ]; then
+  step throughput 120 python3 -m streampage.cli bench throughput --model qwen3-0.6b --output $OUT/next/tput.json
+  { echo "== throughput"; grep -v "WARNING\|capturing\|loading" $OUT/next/throughput.log | tail -5; } | tee -a $S
+fi
 echo "done in $((SECONDS - START)) s" | tee -a $S
 (cd $OUT && tar czf next.tgz next && rm -rf next)

@@ -7,11 +7,13 @@
 #      and with the GEMV on down only;
 #   2. batch 1 and 4 latency for the same four, and the 1B at its best routing, the floor measured
 #      in each run.
+# RUNS="off;o" times only those routings (`;`-separated `--decode-gemv` arguments).
 set -u
 mkdir -p $OUT/lat
 S=$OUT/summary.txt
 . scripts/gpu_setup.sh > $OUT/lat/setup.log 2>&1
-for run in "off" "o" "o --no-programmatic-launch" "down"; do
+IFS=';' read -ra runs <<< "${RUNS:-off;o;o --no-programmatic-launch;down}"
+for run in "${runs[@]}"; do
   name=8b_$(echo $run | tr -d ' -')
   timeout 80 python3 scripts/profile_decode.py llama3-8b 1 --timeline 22 --decode-gemv $run \
       > $OUT/lat/profile_$name.log 2>&1
