@@ -52,7 +52,8 @@ def main() -> None:
     print(f"{'shape':>9} {'splits':>6} {'config':<28} | {'scattered':>9} {'contig':>8} {'paging':>7}")
     for num_seqs, context in SHAPES:
         inputs = DecodeInputs(num_seqs, context)
-        inputs.tables["windowed"] = windowed_table(inputs.tables["contiguous"], WINDOW_PAGES)
+        if args.windows:
+            inputs.tables["windowed"] = windowed_table(inputs.tables["contiguous"], WINDOW_PAGES)
         plan = decode_split_plan(num_seqs, KV_HEADS, context, sms)
         default = DecodeConfig.default(HEAD_DIM, num_seqs * KV_HEADS * plan / sms)
         runs = [(plan, default, "scattered")] + [(plan, cfg, "scattered") for cfg in CANDIDATES if cfg != default]
