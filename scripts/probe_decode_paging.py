@@ -8,12 +8,20 @@ at the planned split count) is the first row of each shape.
 the 8B shape: one GPU large page): if paging costs as much there, the cost is not address
 translation (the TLB) but the order in which the pool's pages are read.
 
-    python3 scripts/probe_decode_paging.py [--reps 5] [--windows]
+`--reads` times only reading, at B32/8k (no attention: a sum over the K and V rows, so the loads
+stay), each way a kernel could walk the pool: a program per KV head reading 256-byte rows (the
+decode kernel's pattern), or per 2 or all 8 heads reading each token's heads, or each page, as one
+run. If only the per-head walk pays for scattered tables at full speed, a decode kernel reading
+whole pages can remove the paging cost; if every walk pays, no kernel can.
+
+    python3 scripts/probe_decode_paging.py [--reps 5] [--windows] [--reads]
 """
 
 import argparse
 
 import torch
+import triton
+import triton.language as tl
 
 from streampage.bench.kernels import HEAD_DIM, KV_HEADS, Q_HEADS, DecodeInputs, Timer
 from streampage.kernels import DecodeConfig, DecodeWorkspace, decode_split_plan
@@ -26,6 +34,62 @@ WINDOW_PAGES = 64
 # reading 2, 4 or all 8 KV heads (each token's heads one run of bytes, or each page whole) did the
 # same, and were removed (docs/benchmarks.md). None reads scattered tables faster than the default.
 CANDIDATES = [DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(32, 4, 4)]
+
+
+# (KV heads a program reads, tokens a tile, splits of a sequence): each tile is 16 KB of K (and of
+# V) but the last, a whole 32 KB page; about 1,000 programs in all, so every walk has the same bytes
+# in flight.
+READ_WALKS = [(1, 64, 4), (2, 32, 8), (8, 8, 32), (8, 16, 32)]
+
+
+@triton.jit
+def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, stride_b, stride_t, stride_h,
+             HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Sum the K and V rows of HEADS neighbouring KV heads over one split of a sequence, tile rows in
+    the pool's token-major order (a token's heads adjacent)."""
+    rows = tl.arange(0, TILE_TOKENS * HEADS)
+    head = tl.program_id(0) * HEADS + rows % HEADS
+    seq = tl.program_id(1)
+    start = tl.program_id(2) * tokens_per_program
+    dims = tl.arange(0, HEAD_DIM)
+    table = table_ptr + seq * stride_bt
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for tile_start in range(start, start + tokens_per_program, TILE_TOKENS):
+        token = tile_start + rows // HEADS
+        page = tl.load(table + token // BLOCK_SIZE).to(tl.int64)
+        offsets = page * stride_b + (token % BLOCK_SIZE) * stride_t + head * stride_h
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
+        acc += tl.sum(k.to(tl.float32) + v.to(tl.float32), axis=0)
+    program = (seq * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(2) + tl.program_id(2)
+    tl.store(out_ptr + program * HEAD_DIM + dims, acc)
+
+
+def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, splits: int) -> list:
+    """One launch of `_read_kv` per input set of `inputs` over its `layout` table."""
+    table = inputs.tables[layout]
+    out = torch.empty(inputs.num_seqs * (KV_HEADS // heads) * splits, HEAD_DIM, device="cuda")
+    grid = (KV_HEADS // heads, inputs.num_seqs, splits)
+
+    def launch(k: torch.Tensor, v: torch.Tensor) -> None:
+        _read_kv[grid](k, v, table, out, inputs.context // splits, table.stride(0), k.stride(0), k.stride(1),
+                       k.stride(2), HEADS=heads, TILE_TOKENS=tile_tokens, BLOCK_SIZE=k.shape[1], HEAD_DIM=HEAD_DIM,
+                       num_warps=4)
+
+    return [lambda k=k, v=v: launch(k, v) for k, v in inputs.pools]
+
+
+def time_reads(timer: Timer) -> None:
+    """Paired scattered / contiguous replays of each walk in READ_WALKS at B32/8k."""
+    inputs = DecodeInputs(32, 8192)
+    gb = inputs.kv_bytes / 1e9
+    print(f"\nreads alone, B32/8192 ({gb:.2f} GB of K and V)")
+    print(f"{'heads':>5} {'tokens':>6} {'splits':>6} | {'scattered':>9} {'contig':>8} {'TB/s':>5} {'paging':>7}")
+    for heads, tile_tokens, splits in READ_WALKS:
+        contig, scattered, ratio = timer.graph_pair(read_calls(inputs, "contiguous", heads, tile_tokens, splits),
+                                                    read_calls(inputs, "scattered", heads, tile_tokens, splits))
+        print(f"{heads:>5} {tile_tokens:>6} {splits:>6} | {scattered:>9.1f} {contig:>8.1f} {gb / contig * 1e3:>5.2f} "
+              f"{100 * (ratio - 1):>6.2f}%", flush=True)
 
 
 def windowed_table(contiguous: torch.Tensor, window: int) -> torch.Tensor:
@@ -46,8 +110,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--windows", action="store_true")
+    parser.add_argument("--reads", action="store_true")
     args = parser.parse_args()
     timer = Timer(args.reps)
+    if args.reads:
+        time_reads(timer)
+        return
     sms = num_sms(torch.device("cuda"))
     print(f"{'shape':>9} {'splits':>6} {'config':<28} | {'scattered':>9} {'contig':>8} {'paging':>7}")
     for num_seqs, context in SHAPES:
