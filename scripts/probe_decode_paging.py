@@ -36,36 +36,46 @@ WINDOW_PAGES = 64
 CANDIDATES = [DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(32, 4, 4)]
 
 
-# (KV heads a program reads, tokens a tile, splits of a sequence): each tile is 16 KB of K (and of
-# V) but the last, a whole 32 KB page; about 1,000 programs in all, so every walk has the same bytes
-# in flight.
-READ_WALKS = [(1, 64, 4), (2, 32, 8), (8, 8, 32), (8, 16, 32)]
+# (KV heads a program reads, tokens a tile, splits of a sequence, stages): 256 programs as the decode
+# kernel's grid at B32/8k, tiles of 16 KB of K (and of V), three stages (two programs an SM), and one
+# walk of whole 32 KB pages with two.
+READ_WALKS = [(1, 64, 1, 3), (2, 32, 2, 3), (4, 16, 4, 3), (8, 8, 8, 3), (8, 16, 8, 2)]
 
 
 @triton.jit
 def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, stride_b, stride_t, stride_h,
              HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Sum the K and V rows of HEADS neighbouring KV heads over one split of a sequence, tile rows in
-    the pool's token-major order (a token's heads adjacent)."""
+    """Read the K and V rows of HEADS neighbouring KV heads over one split of a sequence, tile rows in
+    the pool's token-major order (a token's heads adjacent), and fold them into a number through two
+    MMAs a tile, as the decode kernel does, so Triton software-pipelines the loads with cp.async as it
+    does the decode kernel's (the page numbers read a tile ahead for the same reason). The result
+    only keeps the loads alive; the addressing was checked against PyTorch as a plain sum."""
     rows = tl.arange(0, TILE_TOKENS * HEADS)
     head = tl.program_id(0) * HEADS + rows % HEADS
     seq = tl.program_id(1)
     start = tl.program_id(2) * tokens_per_program
     dims = tl.arange(0, HEAD_DIM)
     table = table_ptr + seq * stride_bt
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for tile_start in range(start, start + tokens_per_program, TILE_TOKENS):
+    ones = tl.full([16, TILE_TOKENS * HEADS], 1.0, tl.float32).to(k_ptr.dtype.element_ty)
+    q = tl.load(k_ptr + tl.arange(0, 16)[:, None] * 0 + dims[None, :])  # any [16, HEAD_DIM] operand
+    acc = tl.zeros([16, HEAD_DIM], tl.float32)
+    end = start + tokens_per_program
+    page = tl.load(table + (start + rows // HEADS) // BLOCK_SIZE).to(tl.int64)
+    for tile_start in range(start, end, TILE_TOKENS):  # the table read a tile ahead, as in the decode kernel
         token = tile_start + rows // HEADS
-        page = tl.load(table + token // BLOCK_SIZE).to(tl.int64)
+        next_token = tl.minimum(token + TILE_TOKENS, end - 1)
+        next_page = tl.load(table + next_token // BLOCK_SIZE).to(tl.int64)
         offsets = page * stride_b + (token % BLOCK_SIZE) * stride_t + head * stride_h
         k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
         v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
-        acc += tl.sum(k.to(tl.float32) + v.to(tl.float32), axis=0)
+        scores = tl.dot(q, tl.trans(k))
+        acc = tl.dot(ones, v, acc + tl.sum(scores, axis=1)[:, None])
+        page = next_page
     program = (seq * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(2) + tl.program_id(2)
-    tl.store(out_ptr + program * HEAD_DIM + dims, acc)
+    tl.store(out_ptr + program * HEAD_DIM + dims, tl.sum(acc, axis=0) / 16)
 
 
-def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, splits: int) -> list:
+def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, splits: int, stages: int) -> list:
     """One launch of `_read_kv` per input set of `inputs` over its `layout` table."""
     table = inputs.tables[layout]
     out = torch.empty(inputs.num_seqs * (KV_HEADS // heads) * splits, HEAD_DIM, device="cuda")
@@ -74,7 +84,7 @@ def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, 
     def launch(k: torch.Tensor, v: torch.Tensor) -> None:
         _read_kv[grid](k, v, table, out, inputs.context // splits, table.stride(0), k.stride(0), k.stride(1),
                        k.stride(2), HEADS=heads, TILE_TOKENS=tile_tokens, BLOCK_SIZE=k.shape[1], HEAD_DIM=HEAD_DIM,
-                       num_warps=4)
+                       num_warps=4, num_stages=stages)
 
     return [lambda k=k, v=v: launch(k, v) for k, v in inputs.pools]
 
@@ -84,12 +94,13 @@ def time_reads(timer: Timer) -> None:
     inputs = DecodeInputs(32, 8192)
     gb = inputs.kv_bytes / 1e9
     print(f"\nreads alone, B32/8192 ({gb:.2f} GB of K and V)")
-    print(f"{'heads':>5} {'tokens':>6} {'splits':>6} | {'scattered':>9} {'contig':>8} {'TB/s':>5} {'paging':>7}")
-    for heads, tile_tokens, splits in READ_WALKS:
-        contig, scattered, ratio = timer.graph_pair(read_calls(inputs, "contiguous", heads, tile_tokens, splits),
-                                                    read_calls(inputs, "scattered", heads, tile_tokens, splits))
-        print(f"{heads:>5} {tile_tokens:>6} {splits:>6} | {scattered:>9.1f} {contig:>8.1f} {gb / contig * 1e3:>5.2f} "
-              f"{100 * (ratio - 1):>6.2f}%", flush=True)
+    print(f"{'heads':>5} {'tokens':>6} {'splits':>6} {'stages':>6} | {'scattered':>9} {'contig':>8} {'TB/s':>5} "
+          f"{'paging':>7}")
+    for walk in READ_WALKS:
+        contig, scattered, ratio = timer.graph_pair(read_calls(inputs, "contiguous", *walk),
+                                                    read_calls(inputs, "scattered", *walk))
+        print(" ".join(f"{n:>{w}}" for n, w in zip(walk, (5, 6, 6, 6), strict=True))
+              + f" | {scattered:>9.1f} {contig:>8.1f} {gb / contig * 1e3:>5.2f} {100 * (ratio - 1):>6.2f}%", flush=True)
 
 
 def windowed_table(contiguous: torch.Tensor, window: int) -> torch.Tensor:
