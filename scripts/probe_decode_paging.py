@@ -14,7 +14,7 @@ decode kernel's pattern), or per 2 or all 8 heads reading each token's heads, or
 run. If only the per-head walk pays for scattered tables at full speed, a decode kernel reading
 whole pages can remove the paging cost; if every walk pays, no kernel can.
 
-    python3 scripts/probe_decode_paging.py [--reps 5] [--windows] [--reads]
+    python3 scripts/probe_decode_paging.py [--reps 5] [--windows] [--reads [--chain]]
 """
 
 import argparse
@@ -40,16 +40,21 @@ CANDIDATES = [DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(32, 4
 # kernel's grid at B32/8k, tiles of 16 KB of K (and of V), three stages (two programs an SM), and one
 # walk of whole 32 KB pages with two.
 READ_WALKS = [(1, 64, 1, 3), (2, 32, 2, 3), (4, 16, 4, 3), (8, 8, 8, 3), (8, 16, 8, 2)]
+# Session 10 (call 6): every walk reads at 4.41-4.44 TB/s and pays 0.5-1.0% for scattered tables,
+# where the decode kernel pays 2.2-2.7%. `--chain` adds the decode kernel's dependency between its
+# two MMAs to the per-head walk, and times the decode kernel itself beside it.
 
 
 @triton.jit
 def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, stride_b, stride_t, stride_h,
-             HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+             HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+             CHAIN: tl.constexpr = False):
     """Read the K and V rows of HEADS neighbouring KV heads over one split of a sequence, tile rows in
     the pool's token-major order (a token's heads adjacent), and fold them into a number through two
     MMAs a tile, as the decode kernel does, so Triton software-pipelines the loads with cp.async as it
     does the decode kernel's (the page numbers read a tile ahead for the same reason). The result
-    only keeps the loads alive; the addressing was checked against PyTorch as a plain sum."""
+    only keeps the loads alive; the addressing was checked against PyTorch as a plain sum. With CHAIN
+    the second MMA takes the exponentials of the first's scores, as the decode kernel's does."""
     rows = tl.arange(0, TILE_TOKENS * HEADS)
     head = tl.program_id(0) * HEADS + rows % HEADS
     seq = tl.program_id(1)
@@ -69,13 +74,18 @@ def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, st
         k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
         v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
         scores = tl.dot(q, tl.trans(k))
-        acc = tl.dot(ones, v, acc + tl.sum(scores, axis=1)[:, None])
+        if CHAIN:  # the decode kernel's dependency: P @ V waits for the softmax of Q K^T
+            p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        else:
+            acc = tl.dot(ones, v, acc + tl.sum(scores, axis=1)[:, None])
         page = next_page
     program = (seq * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(2) + tl.program_id(2)
     tl.store(out_ptr + program * HEAD_DIM + dims, tl.sum(acc, axis=0) / 16)
 
 
-def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, splits: int, stages: int) -> list:
+def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, splits: int, stages: int,
+               chain: bool = False) -> list:
     """One launch of `_read_kv` per input set of `inputs` over its `layout` table."""
     table = inputs.tables[layout]
     out = torch.empty(inputs.num_seqs * (KV_HEADS // heads) * splits, HEAD_DIM, device="cuda")
@@ -84,23 +94,31 @@ def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, 
     def launch(k: torch.Tensor, v: torch.Tensor) -> None:
         _read_kv[grid](k, v, table, out, inputs.context // splits, table.stride(0), k.stride(0), k.stride(1),
                        k.stride(2), HEADS=heads, TILE_TOKENS=tile_tokens, BLOCK_SIZE=k.shape[1], HEAD_DIM=HEAD_DIM,
-                       num_warps=4, num_stages=stages)
+                       num_warps=4, num_stages=stages, CHAIN=chain)
 
     return [lambda k=k, v=v: launch(k, v) for k, v in inputs.pools]
 
 
-def time_reads(timer: Timer) -> None:
-    """Paired scattered / contiguous replays of each walk in READ_WALKS at B32/8k."""
+def time_reads(timer: Timer, chain: bool) -> None:
+    """Paired scattered / contiguous replays of each walk in READ_WALKS at B32/8k; with `chain`, the
+    per-head walk with the decode kernel's dependency between its MMAs and the decode kernel."""
     inputs = DecodeInputs(32, 8192)
     gb = inputs.kv_bytes / 1e9
     print(f"\nreads alone, B32/8192 ({gb:.2f} GB of K and V)")
     print(f"{'heads':>5} {'tokens':>6} {'splits':>6} {'stages':>6} | {'scattered':>9} {'contig':>8} {'TB/s':>5} "
           f"{'paging':>7}")
-    for walk in READ_WALKS:
-        contig, scattered, ratio = timer.graph_pair(read_calls(inputs, "contiguous", *walk),
-                                                    read_calls(inputs, "scattered", *walk))
+    walks = [(walk, False) for walk in READ_WALKS] + ([(READ_WALKS[0], True)] if chain else [])
+    for walk, dependent in walks:
+        contig, scattered, ratio = timer.graph_pair(read_calls(inputs, "contiguous", *walk, dependent),
+                                                    read_calls(inputs, "scattered", *walk, dependent))
         print(" ".join(f"{n:>{w}}" for n, w in zip(walk, (5, 6, 6, 6), strict=True))
-              + f" | {scattered:>9.1f} {contig:>8.1f} {gb / contig * 1e3:>5.2f} {100 * (ratio - 1):>6.2f}%", flush=True)
+              + f" | {scattered:>9.1f} {contig:>8.1f} {gb / contig * 1e3:>5.2f} {100 * (ratio - 1):>6.2f}%"
+              + (" (MMAs chained)" if dependent else ""), flush=True)
+    if chain:
+        calls = {layout: inputs.paged_calls(layout, num_splits=1) for layout in ("contiguous", "scattered")}
+        contig, scattered, ratio = timer.graph_pair(calls["contiguous"], calls["scattered"])
+        print(f"{'paged_decode, default':>26} | {scattered:>9.1f} {contig:>8.1f} {gb / contig * 1e3:>5.2f} "
+              f"{100 * (ratio - 1):>6.2f}%", flush=True)
 
 
 def windowed_table(contiguous: torch.Tensor, window: int) -> torch.Tensor:
@@ -122,10 +140,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--windows", action="store_true")
     parser.add_argument("--reads", action="store_true")
+    parser.add_argument("--chain", action="store_true", help="with --reads: chained MMAs, and the decode kernel")
     args = parser.parse_args()
     timer = Timer(args.reps)
     if args.reads:
-        time_reads(timer)
+        time_reads(timer, args.chain)
         return
     sms = num_sms(torch.device("cuda"))
     print(f"{'shape':>9} {'splits':>6} {'config':<28} | {'scattered':>9} {'contig':>8} {'paging':>7}")
