@@ -49,7 +49,7 @@ READ_WALKS = [(1, 64, 1, 3), (2, 32, 2, 3), (4, 16, 4, 3), (8, 8, 8, 3), (8, 16,
 @triton.jit
 def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, stride_b, stride_t, stride_h,
              HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-             CHAIN: tl.constexpr = False):
+             CHAIN: tl.constexpr = False, MASKED: tl.constexpr = False):
     """Read the K and V rows of HEADS neighbouring KV heads over one split of a sequence, tile rows in
     the pool's token-major order (a token's heads adjacent), and fold them into a number through two
     MMAs a tile, as the decode kernel does, so Triton software-pipelines the loads with cp.async as it
@@ -72,8 +72,13 @@ def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, st
         next_token = tl.minimum(token + TILE_TOKENS, end - 1)
         next_page = tl.load(table + next_token // BLOCK_SIZE).to(tl.int64)
         offsets = page * stride_b + (token % BLOCK_SIZE) * stride_t + head * stride_h
-        k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
-        v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
+        if MASKED:  # the decode kernel's loads: rows past the range masked (cp.async with zero fill)
+            valid = (token < end)[:, None]
+            k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=valid, other=0.0)
+            v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=valid, other=0.0)
+        else:
+            k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
+            v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
         scores = tl.dot(q, tl.trans(k))
         if CHAIN:  # the decode kernel's dependency: P @ V waits for the softmax of Q K^T
             p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
@@ -86,7 +91,7 @@ def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, st
 
 
 def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, splits: int, stages: int,
-               chain: bool = False) -> list:
+               chain: bool = False, masked: bool = False) -> list:
     """One launch of `_read_kv` per input set of `inputs` over its `layout` table."""
     table = inputs.tables[layout]
     out = torch.empty(inputs.num_seqs * (KV_HEADS // heads) * splits, HEAD_DIM, device="cuda")
@@ -95,7 +100,7 @@ def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, 
     def launch(k: torch.Tensor, v: torch.Tensor) -> None:
         _read_kv[grid](k, v, table, out, inputs.context // splits, table.stride(0), k.stride(0), k.stride(1),
                        k.stride(2), HEADS=heads, TILE_TOKENS=tile_tokens, BLOCK_SIZE=k.shape[1], HEAD_DIM=HEAD_DIM,
-                       num_warps=4, num_stages=stages, CHAIN=chain)
+                       num_warps=4, num_stages=stages, CHAIN=chain, MASKED=masked)
 
     return [lambda k=k, v=v: launch(k, v) for k, v in inputs.pools]
 
@@ -108,13 +113,14 @@ def time_reads(timer: Timer, chain: bool) -> None:
     print(f"\nreads alone, B32/8192 ({gb:.2f} GB of K and V)")
     print(f"{'heads':>5} {'tokens':>6} {'splits':>6} {'stages':>6} | {'scattered':>9} {'contig':>8} {'TB/s':>5} "
           f"{'paging':>7}")
-    walks = [(walk, False) for walk in READ_WALKS] + ([(READ_WALKS[0], True)] if chain else [])
-    for walk, dependent in walks:
-        contig, scattered, ratio = timer.graph_pair(read_calls(inputs, "contiguous", *walk, dependent),
-                                                    read_calls(inputs, "scattered", *walk, dependent))
+    walks = [(walk, False, False) for walk in READ_WALKS]
+    walks += [(READ_WALKS[0], True, False), (READ_WALKS[0], True, True)] if chain else []
+    for walk, dependent, masked in walks:
+        contig, scattered, ratio = timer.graph_pair(read_calls(inputs, "contiguous", *walk, dependent, masked),
+                                                    read_calls(inputs, "scattered", *walk, dependent, masked))
         print(" ".join(f"{n:>{w}}" for n, w in zip(walk, (5, 6, 6, 6), strict=True))
               + f" | {scattered:>9.1f} {contig:>8.1f} {gb / contig * 1e3:>5.2f} {100 * (ratio - 1):>6.2f}%"
-              + (" (MMAs chained)" if dependent else ""), flush=True)
+              + (" (MMAs chained)" if dependent else "") + (" (loads masked)" if masked else ""), flush=True)
     if chain:
         calls = {layout: inputs.paged_calls(layout, num_splits=1) for layout in ("contiguous", "scattered")}
         contig, scattered, ratio = timer.graph_pair(calls["contiguous"], calls["scattered"])
