@@ -55,7 +55,8 @@ def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, st
     MMAs a tile, as the decode kernel does, so Triton software-pipelines the loads with cp.async as it
     does the decode kernel's (the page numbers read a tile ahead for the same reason). The result
     only keeps the loads alive; the addressing was checked against PyTorch as a plain sum. With CHAIN
-    the second MMA takes the exponentials of the first's scores, as the decode kernel's does."""
+    the tiles go through the decode kernel's online softmax (P @ V after it, O rescaled by the new
+    max); with MASKED the loads are masked as the decode kernel's are."""
     rows = tl.arange(0, TILE_TOKENS * HEADS)
     head = tl.program_id(0) * HEADS + rows % HEADS
     seq = tl.program_id(1)
@@ -65,6 +66,8 @@ def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, st
     ones = tl.full([16, TILE_TOKENS * HEADS], 1.0, tl.float32).to(k_ptr.dtype.element_ty)
     q = tl.load(k_ptr + tl.arange(0, 16)[:, None] * 0 + dims[None, :])  # any [16, HEAD_DIM] operand
     acc = tl.zeros([16, HEAD_DIM], tl.float32)
+    m = tl.full([16], float("-inf"), tl.float32)
+    row_sum = tl.zeros([16], tl.float32)
     end = start + tokens_per_program
     page = tl.load(table + (start + rows // HEADS) // BLOCK_SIZE).to(tl.int64)
     for tile_start in range(start, end, TILE_TOKENS):  # the table read a tile ahead, as in the decode kernel
@@ -80,14 +83,18 @@ def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, st
             k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
             v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
         scores = tl.dot(q, tl.trans(k))
-        if CHAIN:  # the decode kernel's dependency: P @ V waits for the softmax of Q K^T
-            p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
-            acc = tl.dot(p.to(v.dtype), v, acc)
+        if CHAIN:  # the decode kernel's online softmax: P @ V waits for it, O rescaled by the new max
+            m_new = tl.maximum(m, tl.max(scores, axis=1) * 0.088)
+            p = tl.exp2(scores * 0.088 - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            row_sum = row_sum * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
         else:
             acc = tl.dot(ones, v, acc + tl.sum(scores, axis=1)[:, None])
         page = next_page
     program = (seq * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(2) + tl.program_id(2)
-    tl.store(out_ptr + program * HEAD_DIM + dims, tl.sum(acc, axis=0) / 16)
+    tl.store(out_ptr + program * HEAD_DIM + dims, tl.sum(acc / tl.maximum(row_sum, 1.0)[:, None], axis=0) / 16)
 
 
 def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, splits: int, stages: int,
