@@ -56,7 +56,7 @@ def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, st
     does the decode kernel's (the page numbers read a tile ahead for the same reason). The result
     only keeps the loads alive; the addressing was checked against PyTorch as a plain sum. With CHAIN
     the tiles go through the decode kernel's online softmax (P @ V after it, O rescaled by the new
-    max); with MASKED the loads are masked as the decode kernel's are."""
+    max); with MASKED the K/V and table loads are masked as the decode kernel's are."""
     rows = tl.arange(0, TILE_TOKENS * HEADS)
     head = tl.program_id(0) * HEADS + rows % HEADS
     seq = tl.program_id(1)
@@ -72,8 +72,12 @@ def _read_kv(k_ptr, v_ptr, table_ptr, out_ptr, tokens_per_program, stride_bt, st
     page = tl.load(table + (start + rows // HEADS) // BLOCK_SIZE).to(tl.int64)
     for tile_start in range(start, end, TILE_TOKENS):  # the table read a tile ahead, as in the decode kernel
         token = tile_start + rows // HEADS
-        next_token = tl.minimum(token + TILE_TOKENS, end - 1)
-        next_page = tl.load(table + next_token // BLOCK_SIZE).to(tl.int64)
+        if MASKED:  # as the decode kernel's `_tile_pages`: entries past the range not read (0)
+            next_page = tl.load(table + (token + TILE_TOKENS) // BLOCK_SIZE, mask=token + TILE_TOKENS < end,
+                                other=0).to(tl.int64)
+        else:
+            next_token = tl.minimum(token + TILE_TOKENS, end - 1)
+            next_page = tl.load(table + next_token // BLOCK_SIZE).to(tl.int64)
         offsets = page * stride_b + (token % BLOCK_SIZE) * stride_t + head * stride_h
         if MASKED:  # the decode kernel's loads: rows past the range masked (cp.async with zero fill)
             valid = (token < end)[:, None]
