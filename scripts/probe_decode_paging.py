@@ -40,10 +40,9 @@ CANDIDATES = [DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(32, 4
 # kernel's grid at B32/8k, tiles of 16 KB of K (and of V), three stages (two programs an SM), and one
 # walk of whole 32 KB pages with two.
 READ_WALKS = [(1, 64, 1, 3), (2, 32, 2, 3), (4, 16, 4, 3), (8, 8, 8, 3), (8, 16, 8, 2)]
-# Session 10 (calls 6 and 7): every walk reads at 4.40-4.44 TB/s; the multi-head walks pay 0.7-1.0%
-# for scattered tables on both machines, the per-head walk 0.5% and 2.1%, the decode kernel 2.2-3.0%.
-# `--chain` adds the decode kernel's dependency between its two MMAs to the per-head walk, and
-# times the decode kernel itself beside it.
+# Session 10 (calls 6-11): every walk reads at 4.37-4.45 TB/s and pays 0.5-2.1% for scattered tables,
+# about 1% typically, the decode kernel 2.5-3.0%. `--chain` adds the decode kernel's online softmax
+# to the per-head walk, then its masked loads, and times the decode kernel itself beside them.
 
 
 @triton.jit
