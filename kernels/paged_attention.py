@@ -242,10 +242,12 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
     GROUP_POW2: tl.constexpr = 1, SPLITS_PAD: tl.constexpr = 1, SPLIT_CHUNK: tl.constexpr = 1,
-    ORDERED: tl.constexpr = False,
+    ORDERED: tl.constexpr = False, SAME_KV_LAYOUT: tl.constexpr = False,
 ):
     # Programs of one (seq, split) for all KV heads are neighbours in launch order (axis 0), so
-    # together they read each page of the pool whole.
+    # together they read each page of the pool whole. With SAME_KV_LAYOUT (K and V pools of one
+    # shape and strides, as the cache engine allocates them) a V row's offset is its K row's: the
+    # loop computes one set of 64-bit addresses a tile instead of two.
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     if ORDERED:  # the caller's launch order of the rows (longest first: none is left running alone)
@@ -291,7 +293,7 @@ def _decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        v_rows = pages * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h
+        v_rows = k_rows if SAME_KV_LAYOUT else pages * stride_v_b + in_page * stride_v_t + kv_head * stride_v_h
         v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
@@ -437,7 +439,7 @@ def paged_decode(
         po_strides[0], po_strides[1], po_strides[2], pl_strides[0], pl_strides[1],
         GROUP=group, GROUP_PAD=max(group_pad, 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        ORDERED=row_order is not None,
+        ORDERED=row_order is not None, SAME_KV_LAYOUT=k_cache.stride() == v_cache.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_merge_shape(group, head_dim, num_splits),
         **launch_options(q.device),
     )

@@ -62,7 +62,8 @@ DECODE_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")},
                "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "part_out_ptr": "*fp32",
                "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "row_order_ptr": "*i32", "qk_scale": "fp32"}
 DECODE_CONSTS = {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": 64, "SPLIT": True,
-                 "DOT_PRECISION": "tf32", "GROUP_POW2": 4, "SPLITS_PAD": 64, "SPLIT_CHUNK": 8, "ORDERED": True}
+                 "DOT_PRECISION": "tf32", "GROUP_POW2": 4, "SPLITS_PAD": 64, "SPLIT_CHUNK": 8, "ORDERED": True,
+                 "SAME_KV_LAYOUT": True}
 ROTARY_ARGS = {**{n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "q_norm_ptr", "k_norm_ptr", "k_cache_ptr",
                                        "v_cache_ptr")},
                "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "eps": "fp32"}

@@ -297,6 +297,21 @@ def test_prefill_distinct_k_and_v_layouts() -> None:
     assert_matches(actual, expected, TOLERANCE[torch.float32], "prefill, V strides differ from K")
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_distinct_k_and_v_layouts(num_splits) -> None:
+    """K and V pools with different strides (V a view into wider rows) take separate offsets; with
+    the same strides the kernel reuses K's (SAME_KV_LAYOUT)."""
+    lengths = [1, 15, 16, 17, 0, 70]
+    batch = build_batch(lengths, [1] * len(lengths), q_heads=8, kv_heads=2, head_dim=32, block_size=16,
+                        dtype=torch.float32)
+    wide = torch.full((*batch.v_cache.shape[:3], 48), float("nan"), device=DEVICE)
+    wide[..., :32] = batch.v_cache
+    batch.v_cache = wide[..., :32]
+    assert batch.v_cache.stride() != batch.k_cache.stride()
+    actual, expected = run_decode(batch, num_splits=num_splits)
+    assert_matches(actual, expected, TOLERANCE[torch.float32], "decode, V strides differ from K")
+
+
 def test_prefill_default_config() -> None:
     """Largest tiles that fit the device's shared memory; 64 x 64 for wide heads and fp32."""
     hopper, ampere, small = 227 * 1024, 163 * 1024, 99 * 1024
