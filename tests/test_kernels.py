@@ -285,14 +285,20 @@ def test_prefill_launch_padded_as_a_cuda_graph_pads_it() -> None:
     assert torch.equal(out[tokens:], torch.full_like(out[tokens:], 7.0))
 
 
-def test_prefill_distinct_k_and_v_layouts() -> None:
-    """K and V pools with different strides (V a view into wider rows) take separate offsets."""
-    batch = build_batch([90, 33], [50, 33], q_heads=8, kv_heads=2, head_dim=32, block_size=16,
-                        dtype=torch.float32)
+def widen_v(batch: PagedBatch) -> PagedBatch:
+    """The batch with its V pool moved into a view of wider rows (NaN past each head's 32 values):
+    the same values under other strides than K's."""
     wide = torch.full((*batch.v_cache.shape[:3], 48), float("nan"), device=DEVICE)
     wide[..., :32] = batch.v_cache
     batch.v_cache = wide[..., :32]
     assert batch.v_cache.stride() != batch.k_cache.stride()
+    return batch
+
+
+def test_prefill_distinct_k_and_v_layouts() -> None:
+    """K and V pools with different strides (V a view into wider rows) take separate offsets."""
+    batch = widen_v(build_batch([90, 33], [50, 33], q_heads=8, kv_heads=2, head_dim=32, block_size=16,
+                                dtype=torch.float32))
     actual, expected = run_prefill(batch, config=WIDE_PREFILL)
     assert_matches(actual, expected, TOLERANCE[torch.float32], "prefill, V strides differ from K")
 
@@ -302,12 +308,8 @@ def test_decode_distinct_k_and_v_layouts(num_splits) -> None:
     """K and V pools with different strides (V a view into wider rows) take separate offsets; with
     the same strides the kernel reuses K's (SAME_KV_LAYOUT)."""
     lengths = [1, 15, 16, 17, 0, 70]
-    batch = build_batch(lengths, [1] * len(lengths), q_heads=8, kv_heads=2, head_dim=32, block_size=16,
-                        dtype=torch.float32)
-    wide = torch.full((*batch.v_cache.shape[:3], 48), float("nan"), device=DEVICE)
-    wide[..., :32] = batch.v_cache
-    batch.v_cache = wide[..., :32]
-    assert batch.v_cache.stride() != batch.k_cache.stride()
+    batch = widen_v(build_batch(lengths, [1] * len(lengths), q_heads=8, kv_heads=2, head_dim=32, block_size=16,
+                                dtype=torch.float32))
     actual, expected = run_decode(batch, num_splits=num_splits)
     assert_matches(actual, expected, TOLERANCE[torch.float32], "decode, V strides differ from K")
 
