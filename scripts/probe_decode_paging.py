@@ -1,6 +1,6 @@
 """What paging costs `paged_decode` under other tile configs and split counts: for each, the graphs on
 contiguous and on scattered block tables replayed alternately (ABBA, as the kernel table's paging
-column), at the table's shapes where paging costs the most (B32/8k: 2.3-2.8% against a 2% bar).
+column), at the table's shapes where paging costs the most (B32/8k: 2.2-3.0% against a 2% bar).
 Prints scattered and contiguous us and the paging cost per config; the default (`DecodeConfig.default`
 at the planned split count) is the first row of each shape.
 
@@ -8,11 +8,13 @@ at the planned split count) is the first row of each shape.
 the 8B shape: one GPU large page): if paging costs as much there, the cost is not address
 translation (the TLB) but the order in which the pool's pages are read.
 
-`--reads` times only reading, at B32/8k (no attention: a sum over the K and V rows, so the loads
-stay), each way a kernel could walk the pool: a program per KV head reading 256-byte rows (the
-decode kernel's pattern), or per 2 or all 8 heads reading each token's heads, or each page, as one
-run. If only the per-head walk pays for scattered tables at full speed, a decode kernel reading
-whole pages can remove the paging cost; if every walk pays, no kernel can.
+`--reads` times instead kernels that only read the pool at B32/8k (`_read_kv`: the decode kernel's
+grid, tiles, stages and cp.async pipelining, two MMAs a tile), a program reading one KV head's
+256-byte rows (the decode kernel's walk) or 2, 4 or 8 heads of each token together. `--chain` adds
+the per-head walk with the decode kernel's online softmax, then with its masked loads too, and the
+decode kernel itself; `--bisect` (implies `--chain`) adds that walk with each remaining piece of the
+decode kernel, then all of them: what the memory system charges for scattered pages, and which
+part of the decode kernel pays more.
 
     python3 scripts/probe_decode_paging.py [--reps 5] [--windows] [--reads [--chain] [--bisect]]
 """
@@ -151,14 +153,14 @@ def read_calls(inputs: DecodeInputs, layout: str, heads: int, tile_tokens: int, 
 
 # `--bisect`: the per-head walk with the decode kernel's loop (CHAIN, MASKED), then with each other
 # piece of the kernel, then all of them.
-BISECT = [{}, {"span": True}, {"table": True}, {"where": True}, {"qout": True},
+BISECT = [{"span": True}, {"table": True}, {"where": True}, {"qout": True},
           {"span": True, "table": True, "where": True, "qout": True}]
 
 
 def time_reads(timer: Timer, chain: bool, bisect: bool) -> None:
     """Paired scattered / contiguous replays of each walk in READ_WALKS at B32/8k; with `chain`, the
-    per-head walk with the decode kernel's online softmax, then also its masked loads; with `bisect`,
-    that walk with each further piece of the decode kernel (BISECT); and then the decode kernel."""
+    per-head walk with the decode kernel's online softmax, then also its masked loads, and the decode
+    kernel; with `bisect` (and `chain`), that walk with each further piece of the kernel (BISECT)."""
     inputs = DecodeInputs(32, 8192)
     gb = inputs.kv_bytes / 1e9
     print(f"\nreads alone, B32/8192 ({gb:.2f} GB of K and V)")
@@ -166,14 +168,14 @@ def time_reads(timer: Timer, chain: bool, bisect: bool) -> None:
           f"{'paging':>7}")
     walks = [(walk, {}) for walk in READ_WALKS]
     walks += [(READ_WALKS[0], {"chain": True}), (READ_WALKS[0], {"chain": True, "masked": True})] if chain else []
-    walks += [(READ_WALKS[0], {"chain": True, "masked": True, **more}) for more in BISECT[1:]] if bisect else []
+    walks += [(READ_WALKS[0], {"chain": True, "masked": True, **more}) for more in BISECT] if bisect else []
     for walk, switches in walks:
         contig, scattered, ratio = timer.graph_pair(read_calls(inputs, "contiguous", *walk, **switches),
                                                     read_calls(inputs, "scattered", *walk, **switches))
         print(" ".join(f"{n:>{w}}" for n, w in zip(walk, (5, 6, 6, 6), strict=True))
               + f" | {scattered:>9.1f} {contig:>8.1f} {gb / contig * 1e3:>5.2f} {100 * (ratio - 1):>6.2f}%"
               + "".join(f" +{name}" for name in switches), flush=True)
-    if chain or bisect:
+    if chain:
         calls = {layout: inputs.paged_calls(layout, num_splits=1) for layout in ("contiguous", "scattered")}
         contig, scattered, ratio = timer.graph_pair(calls["contiguous"], calls["scattered"])
         print(f"{'paged_decode, default':>26} | {scattered:>9.1f} {contig:>8.1f} {gb / contig * 1e3:>5.2f} "
@@ -204,7 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     timer = Timer(args.reps)
     if args.reads:
-        time_reads(timer, args.chain, args.bisect)
+        time_reads(timer, args.chain or args.bisect, args.bisect)
         return
     sms = num_sms(torch.device("cuda"))
     print(f"{'shape':>9} {'splits':>6} {'config':<28} | {'scattered':>9} {'contig':>8} {'paging':>7}")
