@@ -657,8 +657,11 @@ def paged_prefill(
     # plus one partial tile per sequence in all.
     tiles = cdiv(q.shape[0], block_m // group_pad) + num_seqs
     if cfg.gluon:
-        from .paged_prefill_gluon import paged_prefill_gluon
+        from .paged_prefill_gluon import gluon_prefill_unsupported, paged_prefill_gluon
 
+        # The default is checked as it is chosen (`_default_prefill`); a caller's config here, once.
+        if config is not None and (why := gluon_prefill_unsupported(q, k_cache, v_cache, group_pad, cfg)):
+            raise ValueError(f"paged_prefill with PrefillConfig(gluon=True) {why}")
         paged_prefill_gluon(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale * _LOG2E, out,
                             cfg, group=group, group_pad=group_pad, tiles=tiles, seqs_pow2=_seqs_pad(num_seqs))
         return out

@@ -477,10 +477,8 @@ def paged_prefill_gluon(
     config: PrefillConfig, *, group: int, group_pad: int, tiles: int, seqs_pow2: int,
 ) -> None:
     """Launch the kernel over grid (kv_heads, tiles) as `paged_attention.paged_prefill` sizes it, with
-    `config`'s key tile and stages; qk_scale is the softmax scale times log2(e)."""
-    why = gluon_prefill_unsupported(q, k_cache, v_cache, group_pad, config)
-    if why:
-        raise ValueError(f"paged_prefill with PrefillConfig(gluon=True) {why}")
+    `config`'s key tile and stages; qk_scale is the softmax scale times log2(e). The caller has
+    checked `config` against these tensors with `gluon_prefill_unsupported`."""
     kernel, extra, warps = _prefill_kernel, {}, config.num_warps
     if config.gather_warps:  # the launch's own warps are the first softmax warpgroup
         kernel, warps = _prefill_kernel_ws, 4
