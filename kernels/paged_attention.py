@@ -35,13 +35,43 @@ class DecodeConfig:
     num_stages: int
 
     @staticmethod
-    def default(head_dim: int, programs_per_sm: float) -> DecodeConfig:
-        """Tiles of 16 KB of K (and of V) whatever the head size. HBM bandwidth needs bytes in flight:
-        with many programs per SM, one tile each (num_stages 2: ~40 KB of shared memory and ~100
-        registers a thread, so five programs share an SM) is plenty; with few (small batches) each
-        program double-buffers, keeping the next tile in flight while it computes (~72 KB)."""
+    def default(head_dim: int, programs: int, num_sms: int, sm_shared: int | None = None,
+                itemsize: int = 2) -> DecodeConfig:
+        """Tiles of 16 KB of K (and of V) whatever the head size, on four warps. The stages trade
+        programs an SM against bytes in flight per program: two (one K and one V tile ahead, ~40 KB of
+        shared memory: five programs an SM at the kernel's 96 registers a thread) or three (two tiles
+        ahead, ~72 KB: three an SM). Without `sm_shared` (an SM's shared memory), or where `wave_cost`
+        finds both equal, two stages for more than three programs an SM and three for fewer; otherwise
+        the one `wave_cost` finds faster for `programs` of one length."""
         block_n = max(16, min(128, 8192 // head_dim))
-        return DecodeConfig(block_n, 4, 3 if programs_per_sm <= 3 else 2)
+        few, many = DecodeConfig(block_n, 4, 3), DecodeConfig(block_n, 4, 2)
+        preferred = (few, many) if programs <= 3 * num_sms else (many, few)
+        if sm_shared is None:
+            return preferred[0]
+        return min(preferred, key=lambda cfg: cfg.wave_cost(programs, num_sms, sm_shared, head_dim, itemsize))
+
+    def shared_bytes(self, head_dim: int, itemsize: int = 2) -> int:
+        """Shared memory of one program as Triton 3.6 lays it out for sm_90 (38,912 B at two stages and
+        71,680 at three for head_dim 128): num_stages - 1 K and V tiles ahead, the 16-row query tile
+        and 2 KB of scratch."""
+        return (2 * (self.num_stages - 1) * self.block_n + 16) * head_dim * itemsize + 2048
+
+    def wave_cost(self, programs: int, num_sms: int, sm_shared: int, head_dim: int, itemsize: int = 2) -> int:
+        """Time of `programs` programs of one length, in units of one program's time while HBM is busy.
+        They run in waves of as many as fit on the SMs at once; a last wave of fewer than
+        SATURATING_TILES tiles in flight cannot keep HBM busy and lasts as long as one program alone
+        (H200, B256/1k: five programs an SM put 68 programs in a fifth wave and took 268 us against
+        250 with four an SM; three stages, whose 68 programs each keep two tiles in flight, took 255)."""
+        slots = num_sms * max(1, sm_shared // (self.shared_bytes(head_dim, itemsize) + 1024))  # 1 KB reserved a block
+        full_waves, tail = divmod(programs, slots)
+        alone = -(-SATURATING_TILES // (self.num_stages - 1))
+        return full_waves * slots + (max(tail, alone) if tail else 0)
+
+
+# Tiles of 32 KB (16 KB of K and of V) in flight that keep the H200's HBM busy: a program alone read
+# 16.6 GB/s with one tile in flight (session 11, scripts/probe_decode_waves.py), ~2 us a round trip
+# under load, and 4.4 TB/s x 2 us / 32 KB is about 260.
+SATURATING_TILES = 260
 
 
 @dataclass(frozen=True)
@@ -181,6 +211,14 @@ def num_sms(device: torch.device) -> int:
 def is_hopper(device: torch.device) -> bool:
     """A CUDA device of compute capability 9.x: the warpgroup MMAs the Gluon prefill is built on."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+@functools.cache
+def sm_shared_memory(device: torch.device) -> int | None:
+    """Shared memory of one SM of a CUDA device (what its resident programs share); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", None)
 
 
 @functools.cache
@@ -415,7 +453,10 @@ def paged_decode(
     if min_split_len is None:
         min_split_len = min_split_tokens(num_seqs, num_kv_heads, num_sms(q.device))
     programs = num_kv_heads * num_seqs * num_splits
-    cfg = config or DecodeConfig.default(head_dim, programs / num_sms(q.device))
+    # Rows launched longest first have mixed lengths, which `wave_cost` does not model.
+    sm_shared = None if row_order is not None else sm_shared_memory(q.device)
+    cfg = config or DecodeConfig.default(head_dim, programs, num_sms(q.device), sm_shared,
+                                         k_cache.element_size())
     if num_splits > 1:
         if workspace is None:
             workspace = DecodeWorkspace.allocate(num_seqs, num_q_heads, head_dim, num_splits, q.device)

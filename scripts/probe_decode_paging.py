@@ -27,7 +27,7 @@ import triton.language as tl
 
 from streampage.bench.kernels import HEAD_DIM, KV_HEADS, Q_HEADS, DecodeInputs, Timer
 from streampage.kernels import DecodeConfig, DecodeWorkspace, decode_split_plan
-from streampage.kernels.paged_attention import _split_span, _tile_pages, num_sms
+from streampage.kernels.paged_attention import _split_span, _tile_pages, num_sms, sm_shared_memory
 
 SHAPES = [(32, 8192), (16, 4096), (64, 2048), (4, 8192)]
 WINDOW_PAGES = 64
@@ -215,7 +215,8 @@ def main() -> None:
         if args.windows:
             inputs.tables["windowed"] = windowed_table(inputs.tables["contiguous"], WINDOW_PAGES)
         plan = decode_split_plan(num_seqs, KV_HEADS, context, sms)
-        default = DecodeConfig.default(HEAD_DIM, num_seqs * KV_HEADS * plan / sms)
+        default = DecodeConfig.default(HEAD_DIM, num_seqs * KV_HEADS * plan, sms,
+                                       sm_shared_memory(torch.device("cuda")))
         runs = [(plan, default, "scattered")] + [(plan, cfg, "scattered") for cfg in CANDIDATES if cfg != default]
         runs += [(2 * plan, None, "scattered")] + ([(plan, default, "windowed")] if args.windows else [])
         for splits, cfg, layout in runs:

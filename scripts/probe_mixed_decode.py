@@ -17,7 +17,7 @@ import torch
 
 from streampage.bench.kernels import DTYPE, HEAD_DIM, KV_HEADS, Q_HEADS, DecodeInputs, Timer, copy_bandwidth
 from streampage.kernels import DecodeWorkspace, decode_split_plan, graph_split_plan
-from streampage.kernels.paged_attention import MIN_SPLIT_TOKENS, DecodeConfig, num_sms
+from streampage.kernels.paged_attention import MIN_SPLIT_TOKENS, DecodeConfig, num_sms, sm_shared_memory
 
 MAX_CONTEXT = 2048
 
@@ -79,7 +79,7 @@ def longest_first(timer: Timer, bandwidth: float) -> None:
 
 
 def short_contexts(timer: Timer) -> None:
-    tile = DecodeConfig.default(HEAD_DIM, 0).block_n
+    tile = DecodeConfig.default(HEAD_DIM, 0, 1).block_n
     print(f"\ngraph plan at batch 1-8, equal short contexts: us with splits of >= {MIN_SPLIT_TOKENS} tokens, "
           f"of two tiles ({2 * tile} tokens) and of one tile (the default at batch 1-8)")
     print(f"{'batch':>6} {'context':>8} {'>= ' + str(MIN_SPLIT_TOKENS):>10} {'two tiles':>10} {'one tile':>10}")
@@ -99,7 +99,8 @@ def paging_configs(timer: Timer) -> None:
     for batch, context in ((32, 8192), (16, 4096)):
         inputs = DecodeInputs(batch, context)
         planned = decode_split_plan(batch, KV_HEADS, context, sms)
-        default = DecodeConfig.default(HEAD_DIM, batch * KV_HEADS * planned / sms)
+        default = DecodeConfig.default(HEAD_DIM, batch * KV_HEADS * planned, sms,
+                                       sm_shared_memory(torch.device("cuda")))
         shapes = [(n, w, st) for n in (32, 64, 128) for w, st in ((4, 2), (4, 3), (4, 4), (8, 3))]
         configs = [default] + [DecodeConfig(*shape) for shape in shapes  # K and V stages within 192 KB
                                if 2 * shape[2] * shape[0] * HEAD_DIM * DTYPE.itemsize <= 192 * 1024]

@@ -24,6 +24,7 @@ from streampage.kernels.paged_attention import (
     GRAPH_PROGRAMS_PER_SM,
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
+    SATURATING_TILES,
     DecodeConfig,
     DecodeWorkspace,
     PrefillConfig,
@@ -417,6 +418,26 @@ def test_decode_split_plan() -> None:
     assert decode_split_plan(32, 8, 8192, 132) == 1  # 256 programs: close enough to two per SM
     assert decode_split_plan(1, 8, 100, 132) == 1  # too short to split
     assert decode_split_plan(1, 1, 10**6, 132) == MAX_SPLITS
+
+
+def test_decode_stages_follow_the_wave_model() -> None:
+    """H200 (132 SMs, 228 KB of shared memory each), the 8B heads: five programs an SM at two stages,
+    three at three. The stage count whose last wave keeps HBM busy wins; ties keep the rule by
+    programs an SM, which is all there is without the SM's shared memory."""
+    sms, shared = 132, 233472
+    assert DecodeConfig(64, 4, 2).shared_bytes(128) == 38912  # as Triton 3.6 lays the kernel out for sm_90
+    assert DecodeConfig(64, 4, 3).shared_bytes(128) == 71680
+    assert DecodeConfig.default(128, 256, sms, shared).num_stages == 3  # B32/8k: under two an SM
+    assert DecodeConfig.default(128, 512, sms, shared).num_stages == 2  # B64/2k: one wave at five an SM
+    # B256/1k: 2048 programs leave 68 for a fourth wave of 660 (one tile each in flight: too few) or
+    # a sixth of 396 (two tiles each)
+    assert DecodeConfig(64, 4, 2).wave_cost(2048, sms, shared, 128) == 3 * 660 + SATURATING_TILES
+    assert DecodeConfig.default(128, 2048, sms, shared).num_stages == 3
+    assert DecodeConfig.default(128, 1792, sms, shared).num_stages == 2  # B224/1k: a last wave of 472 ties
+    assert DecodeConfig.default(128, 1536, sms, shared).num_stages == 3  # B192/1k: 216 at five an SM
+    assert DecodeConfig.default(128, 2048, sms).num_stages == 2
+    assert DecodeConfig.default(128, 256, sms).num_stages == 3
+    assert DecodeConfig.default(64, 2048, sms, shared).block_n == 128  # 16 KB tiles of K
 
 
 def test_rejects_unsupported_shapes() -> None:

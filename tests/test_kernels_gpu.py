@@ -120,6 +120,28 @@ def test_prefill_default_is_the_gluon_kernel_on_hopper_where_it_applies() -> Non
     assert not _default_prefill(fp32.q, fp32.k_cache, fp32.v_cache, 4, 128).gluon
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_decode_shared_memory_is_what_the_wave_model_counts(stages) -> None:
+    """`DecodeConfig.shared_bytes`, with which `wave_cost` counts programs an SM, is the shared memory
+    of the kernel Triton compiles for the 8B heads (K and V of one layout, as the cache engine makes)."""
+    from streampage.kernels.paged_attention import DecodeConfig, _decode_kernel
+
+    batch = build_batch([300, 40], [1, 1], q_heads=32, kv_heads=8, head_dim=128, block_size=16,
+                        dtype=torch.bfloat16, device="cuda")
+    config = DecodeConfig(64, 4, stages)
+    actual, expected = run_decode(batch, num_splits=1, config=config)
+    assert_matches(actual, expected, TOLERANCE[torch.bfloat16], f"decode at {stages} stages")
+
+    def constant(kernel, name: str) -> object:
+        return kernel.src.constants.get((_decode_kernel.arg_names.index(name),))
+
+    compiled = [kernel for kernel in _decode_kernel.device_caches[torch.cuda.current_device()][0].values()
+                if kernel.metadata.num_stages == stages and kernel.src.signature["k_ptr"] == "*bf16"
+                and [constant(kernel, name) for name in ("HEAD_DIM", "GROUP", "BLOCK_N", "SAME_KV_LAYOUT", "SPLIT")]
+                == [128, 4, 64, True, False]]
+    assert compiled and {kernel.metadata.shared for kernel in compiled} == {config.shared_bytes(128)}
+
+
 @pytest.mark.parametrize("num_seqs", [8, 64])
 def test_store_and_decode_replay_in_cuda_graph(num_seqs) -> None:
     """Capture store_kvcache + paged_decode once, as the runner does for a batch-size bucket, then replay
