@@ -60,7 +60,7 @@ class DecodeConfig:
         """Time of `programs` programs of one length, in units of one program's time while HBM is busy.
         They run in waves of as many as fit on the SMs at once; a last wave of fewer than
         SATURATING_TILES tiles in flight cannot keep HBM busy and lasts as long as one program alone
-        (H200, B256/1k: five programs an SM put 68 programs in a fifth wave and took 268 us against
+        (H200, B256/1k: five programs an SM put 68 programs in a fourth wave and took 268 us against
         250 with four an SM; three stages, whose 68 programs each keep two tiles in flight, took 255)."""
         slots = num_sms * max(1, sm_shared // (self.shared_bytes(head_dim, itemsize) + 1024))  # 1 KB reserved a block
         full_waves, tail = divmod(programs, slots)
