@@ -35,6 +35,7 @@ class DecodeConfig:
     num_stages: int
 
     @staticmethod
+    @functools.cache  # paged_decode asks for it at every eager launch, a layer at a time
     def default(head_dim: int, programs: int, num_sms: int, sm_shared: int | None = None,
                 itemsize: int = 2) -> DecodeConfig:
         """Tiles of 16 KB of K (and of V) whatever the head size, on four warps. The stages trade
